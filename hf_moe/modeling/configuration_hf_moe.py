@@ -1,0 +1,222 @@
+"""Configs of the five hf-moe families. Each nests the dense backbone's config as `text_config` and adds MoE fields.
+
+Defaults are the "recommended defaults" of the specification (methods.md): top-k routing with k = 2, balance loss
+0.01 per MoE layer, dropless, no jitter. Values are checked at construction and errors name the field.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+@strict
+class MoeConfig(PreTrainedConfig):
+    r"""
+    Fields shared by every family.
+
+    Args:
+        text_config (`dict` or `PreTrainedConfig`): the dense backbone (bert, roberta, gpt2, llama, mistral, qwen2,
+            qwen3, t5); its FFN blocks named by `moe_layers` become MoE layers.
+        num_experts (`int`, defaults to 8): experts per MoE layer.
+        num_experts_per_tok (`int`, defaults to 2): k of top-k routing; read at every forward, so it can change at
+            inference time.
+        moe_layers (`list[int]`, *optional*): indices of the backbone layers that become MoE (default: all).
+        moe_intermediate_size (`int`, *optional*): inner width of each expert (default: the dense FFN's).
+        norm_topk_prob (`bool`, *optional*): renormalise the k selected probabilities to sum to 1. `None` means on
+            for k >= 2 and off for k = 1 (Switch: weight = p_max), methods.md §1.
+        router_aux_loss_coef (`float`, defaults to 0.01): weight of the load-balancing loss, summed over MoE layers.
+        router_z_loss_coef (`float`, defaults to 0.0): weight of the ST-MoE router z-loss.
+        router_jitter_noise (`float`, defaults to 0.0): multiplicative U(1-eps, 1+eps) noise on the router input,
+            in training only.
+        expert_capacity_factor (`float`, *optional*): Switch-style capacity; `None` is dropless.
+        output_router_logits (`bool`, defaults to `False`): return every MoE layer's router logits.
+        initializer_range (`float`, defaults to 0.02): std of the router and expert initialisation.
+    """
+
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_layers: list[int] | None = None
+    moe_intermediate_size: int | None = None
+    norm_topk_prob: bool | None = None
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+    router_jitter_noise: float = 0.0
+    expert_capacity_factor: float | None = None
+    output_router_logits: bool = False
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_moe_fields()
+
+    def validate_moe_fields(self):
+        _check(self.num_experts >= 1, "num_experts", self.num_experts, "must be >= 1")
+        _check(
+            1 <= self.num_experts_per_tok <= self.num_experts,
+            "num_experts_per_tok",
+            self.num_experts_per_tok,
+            f"must be between 1 and num_experts ({self.num_experts})",
+        )
+        num_layers = getattr(self.text_config, "num_hidden_layers", None)
+        if self.moe_layers is not None:
+            _check(len(self.moe_layers) > 0, "moe_layers", self.moe_layers, "must name at least one layer (or be None)")
+            _check(len(set(self.moe_layers)) == len(self.moe_layers), "moe_layers", self.moe_layers, "has duplicates")
+            if num_layers is not None:
+                _check(
+                    all(0 <= i < num_layers for i in self.moe_layers),
+                    "moe_layers",
+                    self.moe_layers,
+                    f"must hold layer indices in [0, {num_layers})",
+                )
+        if self.moe_intermediate_size is not None:
+            _check(self.moe_intermediate_size >= 1, "moe_intermediate_size", self.moe_intermediate_size, "must be >= 1")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+        _check(0 <= self.router_jitter_noise < 1, "router_jitter_noise", self.router_jitter_noise, "must be in [0, 1)")
+        if self.expert_capacity_factor is not None:
+            _check(
+                self.expert_capacity_factor > 0,
+                "expert_capacity_factor",
+                self.expert_capacity_factor,
+                "must be > 0, or None for dropless routing",
+            )
+        _check(self.initializer_range > 0, "initializer_range", self.initializer_range, "must be > 0")
+
+    def normalize_topk(self, top_k: int) -> bool:
+        """Whether the selected probabilities are renormalised at this k (methods.md §1)."""
+        return top_k >= 2 if self.norm_topk_prob is None else self.norm_topk_prob
+
+
+def _check(ok: bool, field: str, value, requirement: str):
+    if not ok:
+        raise ValueError(f"{field}={value!r} {requirement}.")
+
+
+@strict
+class TopKMoeConfig(MoeConfig):
+    r"""Standard sparse top-k MoE (Shazeer et al. 2017; Switch/Mixtral routing): softmax over all experts, top-k."""
+
+    model_type = "topk_moe"
+
+
+@strict
+class HyperMoeConfig(MoeConfig):
+    r"""
+    HyperMoE (Zhao et al., ACL 2024; official code Bumble666/Hyper_MoE): top-k routing plus a HyperExpert generated
+    from the embeddings of the experts a token did not select. Dimensions are those of every official script.
+
+    Args:
+        hyper_embedding_dim (`int`, defaults to 128): expert embeddings and their per-layer MLP.
+        hyper_layer_embedding_dim (`int`, defaults to 10): layer embedding of the shared generator.
+        hyper_hidden_dim (`int`, defaults to 128): width of the generator trunk.
+        hyper_adapter_rank (`int`, defaults to 64): bottleneck r of the generated adapter d -> r -> d.
+    """
+
+    model_type = "hypermoe"
+
+    hyper_embedding_dim: int = 128
+    hyper_layer_embedding_dim: int = 10
+    hyper_hidden_dim: int = 128
+    hyper_adapter_rank: int = 64
+
+    def validate_moe_fields(self):
+        super().validate_moe_fields()
+        # selection sets are keyed by an int64 bitmask (methods.md §2.4)
+        _check(self.num_experts <= 63, "num_experts", self.num_experts, "must be <= 63 for HyperMoE")
+        for name in ("hyper_embedding_dim", "hyper_layer_embedding_dim", "hyper_hidden_dim", "hyper_adapter_rank"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+
+
+@strict
+class HyperRouterConfig(MoeConfig):
+    r"""
+    HyperRouter (Do et al., EMNLP 2023; official code giangdip2410/HyperRouter): a frozen hypernetwork generates each
+    layer's router from a trainable embedding. Gating is a softmax over the k selected logits, which equals
+    renormalised top-k, so `norm_topk_prob` must stay on. No balance loss by default, as in the official code.
+
+    Args:
+        hyper_router_hidden_dim (`int`, defaults to 256): hypernetwork width H (every published run used 256).
+    """
+
+    model_type = "hyperrouter"
+
+    norm_topk_prob: bool | None = True
+    router_aux_loss_coef: float = 0.0
+    hyper_router_hidden_dim: int = 256
+
+    def validate_moe_fields(self):
+        super().validate_moe_fields()
+        _check(
+            self.norm_topk_prob is not False,
+            "norm_topk_prob",
+            self.norm_topk_prob,
+            "cannot be False for HyperRouter, whose gate is a softmax over the k selected logits",
+        )
+        _check(self.hyper_router_hidden_dim >= 1, "hyper_router_hidden_dim", self.hyper_router_hidden_dim, "must be >= 1")
+
+
+@strict
+class MultiHeadMoeConfig(MoeConfig):
+    r"""
+    Multi-Head MoE (Wu et al. 2024, arXiv 2404.15045; v2 Huang et al. arXiv 2411.16205): each token is projected,
+    split into `moe_num_heads` sub-tokens of width d/h that are routed separately, merged and projected back. The
+    residual stays outside the merge (official code yushuiwx/MH-MoE), so h = 1 is exactly the top-k baseline.
+
+    Args:
+        moe_num_heads (`int`, defaults to 4): h, the number of sub-tokens per token (v1 main runs).
+    """
+
+    model_type = "mh_moe"
+
+    moe_num_heads: int = 4
+
+    def validate_moe_fields(self):
+        super().validate_moe_fields()
+        _check(self.moe_num_heads >= 1, "moe_num_heads", self.moe_num_heads, "must be >= 1")
+        hidden_size = getattr(self.text_config, "hidden_size", None)
+        if hidden_size is not None:
+            _check(
+                hidden_size % self.moe_num_heads == 0,
+                "moe_num_heads",
+                self.moe_num_heads,
+                f"must divide the backbone's hidden_size ({hidden_size})",
+            )
+
+
+@strict
+class DynamicMoeConfig(MoeConfig):
+    r"""
+    Dynamic top-p routing (Huang et al., "Harder Tasks Need More Experts", ACL 2024; official code
+    ZhenweiAn/Dynamic_MoE): each token takes the fewest experts whose probabilities sum past `router_top_p`.
+
+    Args:
+        router_top_p (`float`, defaults to 0.4): the threshold p (headline setting of the paper).
+        router_max_experts (`int`, *optional*): cap on experts per token; `None` is the exact rule (up to E).
+        router_entropy_loss_coef (`float`, defaults to 1e-4): weight of the router-entropy loss.
+        norm_topk_prob (`bool`, defaults to `False`): raw probabilities as weights, as in the paper.
+    """
+
+    model_type = "dynamic_moe"
+
+    norm_topk_prob: bool | None = False
+    router_top_p: float = 0.4
+    router_max_experts: int | None = None
+    router_entropy_loss_coef: float = 1e-4
+
+    def validate_moe_fields(self):
+        super().validate_moe_fields()
+        _check(0 < self.router_top_p <= 1, "router_top_p", self.router_top_p, "must be in (0, 1]")
+        if self.router_max_experts is not None:
+            _check(
+                1 <= self.router_max_experts <= self.num_experts,
+                "router_max_experts",
+                self.router_max_experts,
+                f"must be between 1 and num_experts ({self.num_experts}), or None",
+            )
+        _check(self.router_entropy_loss_coef >= 0, "router_entropy_loss_coef", self.router_entropy_loss_coef, "must be >= 0")
+
+
+__all__ = ["MoeConfig", "TopKMoeConfig", "HyperMoeConfig", "HyperRouterConfig", "MultiHeadMoeConfig", "DynamicMoeConfig"]

@@ -1,0 +1,134 @@
+"""Fused experts on transformers' experts contract (`@use_experts_implementation`).
+
+All experts of a layer live in 3-D parameters ([E, out, in], transformers-v5.md §1), so transformers' `grouped_mm`
+and `batched_mm` backends run them unchanged. The class's own forward is the `eager` backend: pairs sorted by expert
+and one plain matmul per expert. It differs from transformers' eager loop in one way that matters on CPU: it unbinds
+each 3-D parameter once, so backward writes one gradient buffer instead of one full [E, ...] buffer per expert
+(transformers-v5.md §8: that indexing is the 1.3x backward penalty of transformers' `eager`).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.integrations.moe import use_experts_implementation
+
+
+@dataclass(frozen=True)
+class FfnSpec:
+    """Shape of one expert: the dense FFN it replaces, or an MH-MoE sub-token FFN."""
+
+    hidden_size: int
+    intermediate_size: int
+    hidden_act: str
+    gated: bool  # act(gate(x)) * up(x), no bias: LLaMA, Mistral, Qwen, T5 gated-GELU
+    bias: bool  # up and down projections with biases: BERT, RoBERTa, GPT-2
+
+    def __post_init__(self):
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(
+                f"hidden_act={self.hidden_act!r} is not a known activation; use one of {sorted(ACT2FN)}."
+            )
+        if self.hidden_size <= 0 or self.intermediate_size <= 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) and intermediate_size ({self.intermediate_size}) must be > 0."
+            )
+        if self.gated and self.bias:
+            raise ValueError("gated experts with biases match no supported backbone; set gated=False or bias=False.")
+
+
+class SortedLoopExperts(nn.Module):
+    """Shared eager forward of the fused experts classes below.
+
+    Sentinel slots (index == num_experts, weight 0: top-p padding, capacity drops) sort to the tail and are never
+    computed. The host sync is one `.tolist()` of the per-expert counts.
+    """
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        # hidden_states [T, H], top_k_index [T, k] (sentinel = num_experts), top_k_weights [T, k]
+        top_k = top_k_index.shape[1]
+        expert_of_pair, pair_order = top_k_index.reshape(-1).sort(stable=True)  # [T*k]
+        counts = torch.bincount(expert_of_pair, minlength=self.num_experts + 1)[: self.num_experts].tolist()
+        num_routed = sum(counts)
+        output = torch.zeros_like(hidden_states)
+        if num_routed == 0:
+            return output
+        pair_order = pair_order[:num_routed]
+        token_of_pair = pair_order // top_k  # [P]
+        first = (self.gate_up_proj if self.has_gate else self.up_proj).unbind(0)
+        first_bias = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias).unbind(0) if self.has_bias else None
+        down = self.down_proj.unbind(0)
+        down_bias = self.down_proj_bias.unbind(0) if self.has_bias else None
+
+        pieces = []
+        for expert, chunk in enumerate(hidden_states[token_of_pair].split(counts)):
+            if chunk.shape[0] == 0:
+                continue
+            hidden = F.linear(chunk, first[expert], first_bias[expert] if self.has_bias else None)
+            hidden = self._apply_gate(hidden) if self.has_gate else self.act_fn(hidden)
+            pieces.append(F.linear(hidden, down[expert], down_bias[expert] if self.has_bias else None))
+        weights = top_k_weights.reshape(-1)[pair_order].to(hidden_states.dtype)  # [P]
+        return output.index_add_(0, token_of_pair, torch.cat(pieces) * weights[:, None])
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02):
+        for name, param in self.named_parameters(recurse=False):
+            if name.endswith("_bias"):
+                init.zeros_(param)
+            else:
+                init.normal_(param, std=std)
+
+
+@use_experts_implementation(has_gate=True, has_bias=False)
+class GatedExperts(SortedLoopExperts):
+    """SwiGLU-style experts: `gate_up_proj` [E, 2I, H] (gate rows first), `down_proj` [E, H, I]."""
+
+    def __init__(self, config, ffn: FfnSpec, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * ffn.intermediate_size, ffn.hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, ffn.hidden_size, ffn.intermediate_size))
+        self.act_fn = ACT2FN[ffn.hidden_act]
+
+
+@use_experts_implementation(has_gate=False, has_bias=True)
+class BiasedExperts(SortedLoopExperts):
+    """BERT/GPT-2-style experts: `up_proj` [E, I, H] + `up_proj_bias` [E, I], `down_proj` [E, H, I] + bias [E, H]."""
+
+    def __init__(self, config, ffn: FfnSpec, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.up_proj = nn.Parameter(torch.empty(num_experts, ffn.intermediate_size, ffn.hidden_size))
+        self.up_proj_bias = nn.Parameter(torch.empty(num_experts, ffn.intermediate_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, ffn.hidden_size, ffn.intermediate_size))
+        self.down_proj_bias = nn.Parameter(torch.empty(num_experts, ffn.hidden_size))
+        self.act_fn = ACT2FN[ffn.hidden_act]
+
+
+@use_experts_implementation(has_gate=False, has_bias=False)
+class PlainExperts(SortedLoopExperts):
+    """T5-ReLU-style experts without biases: `up_proj` [E, I, H], `down_proj` [E, H, I]."""
+
+    def __init__(self, config, ffn: FfnSpec, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.up_proj = nn.Parameter(torch.empty(num_experts, ffn.intermediate_size, ffn.hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, ffn.hidden_size, ffn.intermediate_size))
+        self.act_fn = ACT2FN[ffn.hidden_act]
+
+
+def build_experts(config, ffn: FfnSpec, num_experts: int) -> SortedLoopExperts:
+    """The fused experts class for `ffn`, dispatching on `config._experts_implementation`.
+
+    `config` must be the model's own config object so that runtime switching reaches the experts.
+    """
+    cls = GatedExperts if ffn.gated else BiasedExperts if ffn.bias else PlainExperts
+    experts = cls(config, ffn, num_experts)
+    # transformers' grouped_mm/batched_mm zero the sentinel rows only under expert parallelism
+    # (transformers-v5.md §1); without this flag NaN*0 from uninitialised rows can leak into the output.
+    experts._is_expert_parallel = True
+    experts.reset_parameters(config.initializer_range)
+    return experts

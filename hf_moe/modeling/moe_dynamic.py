@@ -1,0 +1,28 @@
+"""Dynamic top-p routing (Huang et al., "Harder Tasks Need More Experts", ACL 2024; official inference code
+ZhenweiAn/Dynamic_MoE `top_p_sampling_batched_all_sequence`), methods.md §5.
+
+Departure from the official code: softmax, sort and cumsum run in float32 (the code uses the model dtype, and bf16
+cumsums can flip the set at the threshold). Training losses follow the paper: balance counting every selected
+expert (1e-2) and router entropy (1e-4).
+"""
+
+from .moe_topk import TopKMoeLayer
+from .routing import load_balancing_loss, masked_mean, router_entropy, router_z_loss, top_p_routing
+
+
+class DynamicMoeLayer(TopKMoeLayer):
+    """Each token takes the shortest prefix of experts whose probability exceeds `router_top_p`, padded to the
+    batch's widest selection with sentinel slots (index = num_experts, weight 0)."""
+
+    def select(self, probs):
+        config = self.config
+        return top_p_routing(probs, config.router_top_p, config.router_max_experts, bool(config.norm_topk_prob))
+
+    def router_losses(self, logits, probs, index, token_mask) -> dict:
+        experts_used = (index < self.num_experts).sum(-1).to(probs.dtype)  # [T]
+        return {
+            "aux_loss": load_balancing_loss(probs, index, token_mask),
+            "z_loss": router_z_loss(logits, token_mask),
+            "entropy_loss": router_entropy(probs, token_mask),
+            "mean_experts_per_token": masked_mean(experts_used, token_mask),
+        }

@@ -1,0 +1,98 @@
+"""HyperMoE (Zhao et al., ACL 2024, arXiv 2402.12656; official code Bumble666/Hyper_MoE
+`adapter_generators.py`, `modeling_switch_transformers.py`), methods.md §2.
+
+Each token gets, besides its top-k experts, a bottleneck adapter (the HyperExpert) whose weights a hypernetwork
+generates from the sum of the embeddings of the experts the token did NOT select. The generated weights depend on
+the token only through its selected set, so we generate once per distinct set in the batch and apply the adapters
+grouped (methods.md §2.4): the same math as per-token generation, without a [tokens, d, r] tensor.
+
+Departures from the official code: general k (the Switch code has k = 1); the tiny generator init is kept for every
+backbone (the GPT-2 variant's generic init overwrites it); no jitter on the experts' input.
+"""
+
+import math
+
+import torch
+from torch import nn
+from transformers import initialization as init
+
+from .experts import FfnSpec
+from .moe_topk import TopKMoeLayer
+from .routing import selection_mask
+
+
+class HyperExpertGenerator(nn.Module):
+    """The generator shared by all MoE layers of a stack: g = ReLU(Lin([u, EmbLayer[l]])) and four linear heads
+    giving W_down [d, r], b_down [r], W_up [r, d], b_up [d]."""
+
+    def __init__(self, config, hidden_size: int, num_layers: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.rank = config.hyper_adapter_rank
+        trunk_dim = config.hyper_hidden_dim
+        self.layer_embedding = nn.Embedding(num_layers, config.hyper_layer_embedding_dim)
+        self.trunk = nn.Linear(config.hyper_embedding_dim + config.hyper_layer_embedding_dim, trunk_dim)
+        self.weight_down = nn.Linear(trunk_dim, hidden_size * self.rank)
+        self.bias_down = nn.Linear(trunk_dim, self.rank)
+        self.weight_up = nn.Linear(trunk_dim, self.rank * hidden_size)
+        self.bias_up = nn.Linear(trunk_dim, hidden_size)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        # official `adapter_generators.py`: U(-a, a) heads with a tiny a, zero head biases, so HyperMoE = MoE at step 0
+        trunk_dim = self.trunk.out_features
+        for head, fan in ((self.weight_down, self.hidden_size), (self.weight_up, self.rank)):
+            bound = 1e-3 * math.sqrt(3 / (trunk_dim * fan))
+            init.uniform_(head.weight, -bound, bound)
+        for head in (self.bias_down, self.bias_up):
+            bound = 1e-3 * math.sqrt(3 / trunk_dim)
+            init.uniform_(head.weight, -bound, bound)
+        for head in (self.weight_down, self.bias_down, self.weight_up, self.bias_up):
+            init.zeros_(head.bias)
+
+    def forward(self, set_features: torch.Tensor, layer_idx: int):
+        # set_features [G, hyper_embedding_dim]: one row per distinct selection set
+        num_sets = set_features.shape[0]
+        layer = self.layer_embedding.weight[layer_idx].expand(num_sets, -1)
+        g = torch.relu(self.trunk(torch.cat([set_features, layer], dim=-1)))  # [G, trunk]
+        return (
+            self.weight_down(g).view(num_sets, self.hidden_size, self.rank),  # [G, d, r]
+            self.bias_down(g),  # [G, r]
+            self.weight_up(g).view(num_sets, self.rank, self.hidden_size),  # [G, r, d]
+            self.bias_up(g),  # [G, d]
+        )
+
+
+class HyperMoeLayer(TopKMoeLayer):
+    """Top-k MoE output plus the HyperExpert of the token's unselected experts (unweighted sum, methods.md §2.1).
+
+    `generator` is shared by the layers of a stack and owned by the model, so it is held here unregistered.
+    """
+
+    def __init__(self, config, ffn: FfnSpec, layer_idx: int, generator: HyperExpertGenerator):
+        super().__init__(config, ffn, layer_idx)
+        dim = config.hyper_embedding_dim
+        self.expert_embedding = nn.Embedding(config.num_experts, dim)  # EmbExp_l
+        self.embedding_process = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+        self.__dict__["generator"] = generator
+
+    def moe_output(self, x, index, weights, token_mask):
+        # `index` is the selection before any capacity drop, as in the official code
+        return super().moe_output(x, index, weights, token_mask) + self.hyper_expert(x, index)
+
+    def hyper_expert(self, x, index):
+        bits = 1 << torch.arange(self.num_experts, device=x.device)  # [E]
+        keys = (selection_mask(index, self.num_experts).long() * bits).sum(-1)  # [T] bitmask of the selected set
+        set_keys, set_of_token = keys.unique(return_inverse=True)  # [G], [T]
+        unselected = ((set_keys[:, None] & bits) == 0).to(x.dtype)  # [G, E]
+        set_features = self.embedding_process(unselected @ self.expert_embedding.weight)  # [G, emb]
+        w_down, b_down, w_up, b_up = self.generator(set_features, self.layer_idx)
+
+        order = set_of_token.argsort(stable=True)
+        counts = torch.bincount(set_of_token, minlength=len(set_keys)).tolist()
+        pieces = [
+            torch.relu(chunk @ w_down[g] + b_down[g]) @ w_up[g] + b_up[g]
+            for g, chunk in enumerate(x[order].split(counts))
+        ]
+        return torch.zeros_like(x).index_copy(0, order, torch.cat(pieces))  # [T, d]

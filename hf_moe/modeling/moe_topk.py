@@ -1,0 +1,104 @@
+"""The top-k sparse MoE layer (methods.md §1), and the template every other family specialises.
+
+A family changes one step of `forward`: how logits are made (`router_class`), how experts are chosen (`select`),
+what is computed from the choice (`moe_output`), or which statistics are reported (`router_losses`).
+"""
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .experts import FfnSpec, build_experts
+from .routing import drop_over_capacity, load_balancing_loss, router_dtype, router_z_loss, top_k_routing
+
+
+@dataclass
+class MoeLayerOutput(ModelOutput):
+    """
+    Output of one MoE layer.
+
+    Args:
+        hidden_states (`torch.Tensor` of the input's shape): the layer's output (without the block's residual).
+        router_logits (`torch.Tensor` of shape `(routed_tokens, num_experts)`): float32 (or wider) router logits;
+            MH-MoE routes `moe_num_heads` sub-tokens per token.
+        aux_loss (`torch.Tensor`): load-balancing loss of this layer, unweighted, padding excluded.
+        z_loss (`torch.Tensor`): router z-loss, unweighted, padding excluded.
+        entropy_loss (`torch.Tensor`, *optional*): mean router entropy (dynamic top-p).
+        mean_experts_per_token (`torch.Tensor`, *optional*): experts used per non-padding token (dynamic top-p).
+    """
+
+    hidden_states: torch.Tensor | None = None
+    router_logits: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    entropy_loss: torch.Tensor | None = None
+    mean_experts_per_token: torch.Tensor | None = None
+
+
+class Router(nn.Linear):
+    """Linear router without bias; computes in float32 or wider whatever the model dtype."""
+
+    def __init__(self, config, hidden_size: int):
+        super().__init__(hidden_size, config.num_experts, bias=False)
+        init.normal_(self.weight, std=config.initializer_range)
+
+    def forward(self, x):
+        dtype = router_dtype(x.dtype)
+        return F.linear(x.to(dtype), self.weight.to(dtype))  # [T, E]
+
+
+class TopKMoeLayer(nn.Module):
+    """Softmax over all experts, top-k, optional renormalisation, jitter and capacity; Switch balance and z-loss."""
+
+    router_class = Router
+
+    def __init__(self, config, ffn: FfnSpec, layer_idx: int = 0):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.hidden_size = ffn.hidden_size
+        self.num_experts = config.num_experts
+        self.router = self.router_class(config, ffn.hidden_size)
+        expert_ffn = replace(ffn, intermediate_size=config.moe_intermediate_size or ffn.intermediate_size)
+        self.experts = build_experts(config, expert_ffn, config.num_experts)
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None) -> MoeLayerOutput:
+        # hidden_states [..., H]; padding_mask [...] with 1 for real tokens
+        x = hidden_states.reshape(-1, self.hidden_size)  # [T, H]
+        token_mask = None if padding_mask is None else padding_mask.reshape(-1).bool()  # [T]
+        logits = self.router(self.jitter(x))  # [T, E]
+        probs = logits.softmax(-1)
+        index, weights = self.select(probs)  # [T, k], [T, k]
+        output = self.moe_output(x, index, weights, token_mask)
+        return MoeLayerOutput(
+            hidden_states=output.view_as(hidden_states),
+            router_logits=logits,
+            **self.router_losses(logits, probs, index, token_mask),
+        )
+
+    def jitter(self, x):
+        eps = self.config.router_jitter_noise
+        if not (self.training and eps > 0):
+            return x
+        return x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
+
+    def select(self, probs):
+        top_k = self.config.num_experts_per_tok
+        return top_k_routing(probs, top_k, self.config.normalize_topk(top_k))
+
+    def moe_output(self, x, index, weights, token_mask):
+        if self.config.expert_capacity_factor is not None:
+            index, weights = drop_over_capacity(
+                index, weights, self.num_experts, self.config.expert_capacity_factor, token_mask
+            )
+        return self.experts(x, index, weights)
+
+    def router_losses(self, logits, probs, index, token_mask) -> dict:
+        return {
+            "aux_loss": load_balancing_loss(probs, index, token_mask),
+            "z_loss": router_z_loss(logits, token_mask),
+        }

@@ -1,0 +1,90 @@
+"""Routing rules and router losses shared by every family (methods.md §1, §5).
+
+Selections are `[T, k]` index tensors; a slot holding `num_experts` is a sentinel (no expert, weight 0), used for
+top-p padding and capacity drops. Statistics take an optional boolean `token_mask` [T] and ignore masked tokens.
+"""
+
+import math
+
+import torch
+
+
+def router_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Routers compute in float32 at least (float64 stays float64, bf16/fp16 go up)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def masked_mean(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the token axis (dim 0) of `values` [T, ...], counting only tokens where `token_mask` is True."""
+    if token_mask is None:
+        return values.mean(0)
+    weights = token_mask.to(values.dtype).reshape(-1, *([1] * (values.dim() - 1)))
+    return (values * weights).sum(0) / weights.sum().clamp(min=1)
+
+
+def top_k_routing(probs: torch.Tensor, top_k: int, normalize: bool):
+    """Indices and weights of the k most probable experts; renormalised to sum to 1 if `normalize`."""
+    weights, index = probs.topk(top_k, dim=-1)  # [T, k]
+    if normalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return index, weights
+
+
+def top_p_routing(probs: torch.Tensor, top_p: float, max_experts: int | None, normalize: bool):
+    """Dynamic routing (Huang et al. 2024, §2): the shortest prefix of experts, by descending probability, whose
+    cumulative probability exceeds `top_p` (strict >, at least one expert, all experts if no prefix exceeds it).
+
+    Returns `index` and `weights` [T, k_used], padded with sentinels to the widest selection in the batch.
+    """
+    num_experts = probs.shape[-1]
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # prefixes with cumulative mass <= p are too short; the first one past p is the answer
+    num_selected = ((sorted_probs.cumsum(-1) <= top_p).sum(-1) + 1).clamp(max=max_experts or num_experts)
+    k_used = int(num_selected.max())  # one host sync: pad only to the widest selection in the batch
+    keep = torch.arange(k_used, device=probs.device) < num_selected[:, None]  # [T, k_used]
+    index = order[:, :k_used].masked_fill(~keep, num_experts)
+    weights = sorted_probs[:, :k_used].masked_fill(~keep, 0.0)
+    if normalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return index, weights
+
+
+def drop_over_capacity(index, weights, num_experts: int, capacity_factor: float, token_mask=None):
+    """Switch-style capacity (Fedus et al. 2022 §2.2): each expert takes at most ceil(factor * T*k / E) slots;
+    first choices of all tokens claim slots before second choices, then in token order. Dropped slots and padding
+    tokens become sentinels with weight 0, so their token passes through the block's residual only.
+    """
+    num_tokens, top_k = index.shape
+    if token_mask is not None:
+        index = index.masked_fill(~token_mask[:, None], num_experts)
+    num_real = num_tokens if token_mask is None else int(token_mask.sum())
+    capacity = math.ceil(capacity_factor * num_real * top_k / num_experts)
+    claims = torch.nn.functional.one_hot(index.t().reshape(-1), num_experts + 1)  # [k*T, E+1], rank-major
+    position = (claims.cumsum(0) * claims).sum(-1).reshape(top_k, num_tokens).t()  # 1-based slot per choice
+    dropped = (position > capacity) | (index == num_experts)
+    return index.masked_fill(dropped, num_experts), weights.masked_fill(dropped, 0.0)
+
+
+def selection_mask(index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[T, E] 0/1 float: which experts each token selected (sentinels ignored)."""
+    one_hot = torch.zeros(index.shape[0], num_experts + 1, dtype=torch.float32, device=index.device)
+    return one_hot.scatter_(1, index, 1.0)[:, :num_experts]
+
+
+def load_balancing_loss(probs, index, token_mask=None) -> torch.Tensor:
+    """Switch eq. 4-6 for any selection: `E * sum_e f_e * mean_P_e`, where f_e is the fraction of tokens whose
+    selected set contains e (so sum_e f_e = mean experts per token) and P is the full softmax."""
+    num_experts = probs.shape[-1]
+    fraction = masked_mean(selection_mask(index, num_experts), token_mask)  # [E]
+    mean_prob = masked_mean(probs, token_mask)  # [E]
+    return num_experts * (fraction.to(probs.dtype) * mean_prob).sum()
+
+
+def router_z_loss(logits, token_mask=None) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(z)^2."""
+    return masked_mean(torch.logsumexp(logits, dim=-1) ** 2, token_mask)
+
+
+def router_entropy(probs, token_mask=None) -> torch.Tensor:
+    """Mean over tokens of -sum_i P_i log P_i (the top-p entropy loss, Huang et al. 2024 §2)."""
+    return masked_mean(-(probs * torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))).sum(-1), token_mask)

@@ -14,3 +14,5 @@ from .moe_hypermoe import HyperExpertGenerator, HyperMoeLayer
 from .moe_hyperrouter import HyperRouterGate, HyperRouterLayer
 from .moe_mh import MultiHeadMoeLayer, mh_moe_matched_sizes
 from .moe_topk import MoeLayerOutput, Router, TopKMoeLayer
+from .backbones import ADAPTERS, BackboneAdapter, get_adapter
+from .modeling_hf_moe import FAMILIES, HEADS, MODEL_CLASSES, MoeFeedForward, MoePreTrainedModel

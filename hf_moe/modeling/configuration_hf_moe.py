@@ -4,9 +4,13 @@ Defaults are the "recommended defaults" of the specification (methods.md): top-k
 0.01 per MoE layer, dropless, no jitter. Values are checked at construction and errors name the field.
 """
 
+import copy
+
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+
+from .backbones import get_adapter
 
 
 @strict
@@ -20,7 +24,10 @@ class MoeConfig(PreTrainedConfig):
         num_experts (`int`, defaults to 8): experts per MoE layer.
         num_experts_per_tok (`int`, defaults to 2): k of top-k routing; read at every forward, so it can change at
             inference time.
-        moe_layers (`list[int]`, *optional*): indices of the backbone layers that become MoE (default: all).
+        moe_layers (`list[int]`, *optional*): indices of the backbone layers (per stack) that become MoE.
+        moe_layer_frequency (`int`, defaults to 1): used when `moe_layers` is None: layer i becomes MoE iff
+            `i % moe_layer_frequency == moe_layer_frequency - 1` (1: every layer; 2: every second layer starting at
+            layer 1, as in Switch Transformers).
         moe_intermediate_size (`int`, *optional*): inner width of each expert (default: the dense FFN's).
         norm_topk_prob (`bool`, *optional*): renormalise the k selected probabilities to sum to 1. `None` means on
             for k >= 2 and off for k = 1 (Switch: weight = p_max), methods.md §1.
@@ -39,6 +46,7 @@ class MoeConfig(PreTrainedConfig):
     num_experts: int = 8
     num_experts_per_tok: int = 2
     moe_layers: list[int] | None = None
+    moe_layer_frequency: int = 1
     moe_intermediate_size: int | None = None
     norm_topk_prob: bool | None = None
     router_aux_loss_coef: float = 0.01
@@ -49,10 +57,14 @@ class MoeConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        if isinstance(self.text_config, PreTrainedConfig):
+            # never share a live dense config: the wrapper resets its attention/experts implementation in place
+            self.text_config = copy.deepcopy(self.text_config)
         super().__post_init__(**kwargs)
         self.validate_moe_fields()
 
     def validate_moe_fields(self):
+        get_adapter(self.text_config.model_type).ffn_spec(self.text_config)  # supported backbone, known activation
         _check(self.num_experts >= 1, "num_experts", self.num_experts, "must be >= 1")
         _check(
             1 <= self.num_experts_per_tok <= self.num_experts,
@@ -71,6 +83,7 @@ class MoeConfig(PreTrainedConfig):
                     self.moe_layers,
                     f"must hold layer indices in [0, {num_layers})",
                 )
+        _check(self.moe_layer_frequency >= 1, "moe_layer_frequency", self.moe_layer_frequency, "must be >= 1")
         if self.moe_intermediate_size is not None:
             _check(self.moe_intermediate_size >= 1, "moe_intermediate_size", self.moe_intermediate_size, "must be >= 1")
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
@@ -84,6 +97,11 @@ class MoeConfig(PreTrainedConfig):
                 "must be > 0, or None for dropless routing",
             )
         _check(self.initializer_range > 0, "initializer_range", self.initializer_range, "must be > 0")
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        if self.moe_layers is not None:
+            return layer_idx in self.moe_layers
+        return layer_idx % self.moe_layer_frequency == self.moe_layer_frequency - 1
 
     def normalize_topk(self, top_k: int) -> bool:
         """Whether the selected probabilities are renormalised at this k (methods.md §1)."""

@@ -26,6 +26,7 @@ class FfnSpec:
     hidden_act: str
     gated: bool  # act(gate(x)) * up(x), no bias: LLaMA, Mistral, Qwen, T5 gated-GELU
     bias: bool  # up and down projections with biases: BERT, RoBERTa, GPT-2
+    dropout: float = 0.0  # inside the FFN, between activation and down projection (T5)
 
     def __post_init__(self):
         if self.hidden_act not in ACT2FN:
@@ -73,13 +74,24 @@ class SortedLoopExperts(nn.Module):
         weights = top_k_weights.reshape(-1)[pair_order].to(hidden_states.dtype)  # [P]
         return output.index_add_(0, token_of_pair, torch.cat(pieces) * weights[:, None])
 
+    def _apply_gate(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)  # gate rows first
+        return self.inner_dropout(self.act_fn(gate) * up)
+
+    def _set_activation(self, ffn: FfnSpec):
+        # transformers' backends call `_apply_gate` (gated) or `act_fn` (non-gated): both must include the dropout
+        self.inner_dropout = nn.Dropout(ffn.dropout)
+        self.act_fn = ACT2FN[ffn.hidden_act]
+        if not ffn.gated and ffn.dropout > 0:
+            self.act_fn = nn.Sequential(self.act_fn, self.inner_dropout)
+
     @torch.no_grad()
-    def reset_parameters(self, std: float = 0.02):
+    def reset_parameters(self):
         for name, param in self.named_parameters(recurse=False):
             if name.endswith("_bias"):
                 init.zeros_(param)
             else:
-                init.normal_(param, std=std)
+                init.normal_(param, std=self.config.initializer_range)
 
 
 @use_experts_implementation(has_gate=True, has_bias=False)
@@ -91,7 +103,7 @@ class GatedExperts(SortedLoopExperts):
         self.num_experts = num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * ffn.intermediate_size, ffn.hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, ffn.hidden_size, ffn.intermediate_size))
-        self.act_fn = ACT2FN[ffn.hidden_act]
+        self._set_activation(ffn)
 
 
 @use_experts_implementation(has_gate=False, has_bias=True)
@@ -105,7 +117,7 @@ class BiasedExperts(SortedLoopExperts):
         self.up_proj_bias = nn.Parameter(torch.empty(num_experts, ffn.intermediate_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, ffn.hidden_size, ffn.intermediate_size))
         self.down_proj_bias = nn.Parameter(torch.empty(num_experts, ffn.hidden_size))
-        self.act_fn = ACT2FN[ffn.hidden_act]
+        self._set_activation(ffn)
 
 
 @use_experts_implementation(has_gate=False, has_bias=False)
@@ -117,7 +129,7 @@ class PlainExperts(SortedLoopExperts):
         self.num_experts = num_experts
         self.up_proj = nn.Parameter(torch.empty(num_experts, ffn.intermediate_size, ffn.hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, ffn.hidden_size, ffn.intermediate_size))
-        self.act_fn = ACT2FN[ffn.hidden_act]
+        self._set_activation(ffn)
 
 
 def build_experts(config, ffn: FfnSpec, num_experts: int) -> SortedLoopExperts:
@@ -130,5 +142,5 @@ def build_experts(config, ffn: FfnSpec, num_experts: int) -> SortedLoopExperts:
     # transformers' grouped_mm/batched_mm zero the sentinel rows only under expert parallelism
     # (transformers-v5.md §1); without this flag NaN*0 from uninitialised rows can leak into the output.
     experts._is_expert_parallel = True
-    experts.reset_parameters(config.initializer_range)
+    experts.reset_parameters()
     return experts

@@ -20,20 +20,21 @@ class HyperRouterGate(nn.Module):
     def __init__(self, config, hidden_size: int):
         super().__init__()
         self.num_experts = config.num_experts
+        self.initializer_range = config.initializer_range
         self.router_embedding = nn.Parameter(torch.empty(hidden_size))  # e, trainable
         self.hypernet = nn.Sequential(
             nn.Linear(hidden_size, config.hyper_router_hidden_dim),
             nn.ReLU(),
             nn.Linear(config.hyper_router_hidden_dim, config.num_experts * (hidden_size + 1)),
         )
-        self.reset_parameters(config.initializer_range)
+        self.reset_parameters()
         self.hypernet.requires_grad_(False)  # frozen, as the official name filter on "hypernet" does
 
     @torch.no_grad()
-    def reset_parameters(self, std: float = 0.02):
+    def reset_parameters(self):
         init.normal_(self.router_embedding, std=1.0)  # e ~ N(0, 1), official code
         for linear in (self.hypernet[0], self.hypernet[2]):
-            init.normal_(linear.weight, std=std)
+            init.normal_(linear.weight, std=self.initializer_range)
             init.zeros_(linear.bias)
 
     def forward(self, x):

@@ -8,6 +8,7 @@ baseline; routing is the linear softmax of §1 (not the X-MoE cosine router); dr
 import math
 from dataclasses import replace
 
+import torch
 from torch import nn
 from transformers import initialization as init
 
@@ -28,9 +29,10 @@ class MultiHeadMoeLayer(TopKMoeLayer):
         if heads > 1:
             self.head_proj = nn.Linear(ffn.hidden_size, ffn.hidden_size)
             self.merge_proj = nn.Linear(ffn.hidden_size, ffn.hidden_size)
-            self.reset_projections()
+            self.reset_parameters()
 
-    def reset_projections(self):
+    @torch.no_grad()
+    def reset_parameters(self):
         # official init: xavier_uniform with gain 1/sqrt(2) for the head, plain xavier for the merge; zero biases
         init.xavier_uniform_(self.head_proj.weight, gain=1 / math.sqrt(2))
         init.xavier_uniform_(self.merge_proj.weight)

@@ -1,0 +1,268 @@
+"""Model classes of the five families: a transformers dense backbone (any head) whose FFN blocks in `moe_layers` are
+replaced by the family's MoE layer. Attention, embeddings, norms, KV cache and attention backends stay transformers'.
+
+Classes are named `<Family><Head>` (e.g. `HyperMoeForSequenceClassification`). Every head adds
+`router_aux_loss_coef * aux_loss` (+ z-loss and entropy terms) to the task loss and returns `aux_loss`, and with
+`output_router_logits=True` the router logits of every MoE layer (transformers' generic MoE classification heads
+drop both, transformers-v5.md §2).
+
+The experts classes are decorated with `@use_experts_implementation` in `experts.py`; this file overrides
+`_can_set_experts_implementation` instead of relying on transformers' source-text check.
+"""
+
+import dataclasses
+import functools
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForMultipleChoice,
+    AutoModelForQuestionAnswering,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    GenerationMixin,
+    PreTrainedModel,
+)
+
+from .backbones import get_adapter
+from .configuration_hf_moe import (
+    DynamicMoeConfig,
+    HyperMoeConfig,
+    HyperRouterConfig,
+    MultiHeadMoeConfig,
+    TopKMoeConfig,
+)
+from .experts import SortedLoopExperts
+from .moe_dynamic import DynamicMoeLayer
+from .moe_hypermoe import HyperExpertGenerator, HyperMoeLayer
+from .moe_hyperrouter import HyperRouterGate, HyperRouterLayer
+from .moe_mh import MultiHeadMoeLayer
+from .moe_topk import TopKMoeLayer
+
+# modules whose initialisation differs from the backbone's generic one (re-applied after it, skipping loaded tensors)
+_CUSTOM_INIT_MODULES = (SortedLoopExperts, HyperExpertGenerator, HyperRouterGate, MultiHeadMoeLayer)
+
+
+class MoeFeedForward(nn.Module):
+    """Stands in a backbone layer's FFN slot: runs the MoE layer on the current padding mask, keeps its
+    `MoeLayerOutput` for the model to collect, and returns hidden states as the dense FFN did."""
+
+    def __init__(self, moe: TopKMoeLayer, stack: str, dropout: float = 0.0):
+        super().__init__()
+        self.moe = moe
+        self.stack = stack
+        self.dropout = nn.Dropout(dropout)
+        self.padding_mask = None  # [..., S_total], set by the model around each forward
+        self.layer_output = None
+
+    def forward(self, hidden_states):
+        # hidden_states [B, S, H]; during cached decoding the mask also covers past tokens, so keep its last S columns
+        mask = self.padding_mask
+        if mask is not None:
+            mask = mask.reshape(-1, mask.shape[-1])[:, -hidden_states.shape[-2] :]
+        self.layer_output = self.moe(hidden_states, mask)
+        return self.dropout(self.layer_output.hidden_states)
+
+
+@functools.cache
+def _output_class_with_router_fields(output_class):
+    """`output_class` (e.g. SequenceClassifierOutput) extended with `aux_loss` and `router_logits`."""
+    return dataclasses.make_dataclass(
+        f"Moe{output_class.__name__}",
+        [
+            ("aux_loss", torch.Tensor | None, dataclasses.field(default=None)),
+            ("router_logits", tuple | None, dataclasses.field(default=None)),
+        ],
+        bases=(output_class,),
+        namespace={"__module__": __name__},
+    )
+
+
+class MoePreTrainedModel(PreTrainedModel):
+    """Shared machinery; a family sets `config_class` and `layer_class`, a head sets `auto_class`."""
+
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    layer_class = TopKMoeLayer
+    auto_class = AutoModel
+
+    def __init__(self, config):
+        super().__init__(config)
+        text_config = config.text_config
+        for name in ("id2label", "label2id", "problem_type"):  # task fields live on the wrapper config
+            setattr(text_config, name, getattr(config, name))
+        # the backbone classes cannot set an experts implementation; only our experts read it, from `config`
+        text_config._experts_implementation_internal = None
+        if type(text_config) not in self.auto_class._model_mapping:
+            raise ValueError(
+                f"{type(self).__name__} needs a {text_config.model_type} model for {self.auto_class.__name__}, "
+                "which transformers does not have; pick another head or backbone."
+            )
+        self.model = self.auto_class.from_config(text_config)
+        self._no_split_modules = self.model._no_split_modules
+        self.hyper_generators = self._install_moe_layers()
+        self.post_init()
+
+    def _install_moe_layers(self) -> nn.ModuleDict:
+        config = self.config
+        adapter = get_adapter(config.text_config.model_type)
+        ffn = adapter.ffn_spec(config.text_config)
+        generators = nn.ModuleDict()
+        for stack, layers in adapter.stacks(self.model).items():
+            extra = ()
+            if self.layer_class is HyperMoeLayer:  # one generator per stack (methods.md §2.3)
+                generators[stack] = HyperExpertGenerator(config, ffn.hidden_size, len(layers))
+                extra = (generators[stack],)
+            for idx, layer in enumerate(layers):
+                if config.is_moe_layer(idx):
+                    moe = self.layer_class(config, ffn, idx, *extra).train(layer.training)
+                    adapter.install(layer, MoeFeedForward(moe, stack, adapter.block_dropout(config.text_config)))
+        return generators
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True
+
+    def get_correct_experts_implementation(self, requested_experts):
+        # our eager path (sorted loop over experts) reaches the dense floor on CPU (transformers-v5.md §8)
+        return super().get_correct_experts_implementation(requested_experts or "eager")
+
+    def initialize_weights(self):
+        super().initialize_weights()
+        for module in self.modules():
+            if isinstance(module, _CUSTOM_INIT_MODULES):
+                module.reset_parameters()
+
+    def moe_blocks(self) -> list[MoeFeedForward]:
+        return [m for m in self.modules() if isinstance(m, MoeFeedForward)]
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.model.set_output_embeddings(value)
+
+    def get_encoder(self, *args, **kwargs):
+        return self.model.get_encoder(*args, **kwargs)
+
+    def get_decoder(self, *args, **kwargs):
+        return self.model.get_decoder(*args, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        start_positions: torch.LongTensor | None = None,
+        end_positions: torch.LongTensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ):
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": token_type_ids,
+            "position_ids": position_ids,
+            "inputs_embeds": inputs_embeds,
+            "labels": labels,
+            "start_positions": start_positions,
+            "end_positions": end_positions,
+            "decoder_input_ids": decoder_input_ids,
+            "decoder_attention_mask": decoder_attention_mask,
+            "past_key_values": past_key_values,
+            "use_cache": use_cache,
+        }
+        inputs = {name: value for name, value in inputs.items() if value is not None}
+        blocks = self.moe_blocks()
+        encoder_decoder = self.config.text_config.is_encoder_decoder
+        for block in blocks:
+            block.layer_output = None
+            block.padding_mask = decoder_attention_mask if encoder_decoder and block.stack == "decoder" else attention_mask
+        try:
+            outputs = self.model(**inputs, **kwargs, return_dict=True)
+        finally:
+            for block in blocks:
+                block.padding_mask = None
+        layer_outputs = [block.layer_output for block in blocks if block.layer_output is not None]
+        output = _output_class_with_router_fields(type(outputs))(**outputs)
+        if layer_outputs:
+            output.aux_loss = sum(o.aux_loss for o in layer_outputs)
+            if output.loss is not None:
+                output.loss = output.loss + self.router_loss(layer_outputs, output.aux_loss)
+            if output_router_logits if output_router_logits is not None else self.config.output_router_logits:
+                output.router_logits = tuple(o.router_logits for o in layer_outputs)
+        return output if return_dict is not False else output.to_tuple()
+
+    def router_loss(self, layer_outputs, aux_loss):
+        """router_aux_loss_coef * aux_loss + z-loss and (top-p) entropy terms, each summed over MoE layers."""
+        config = self.config
+        loss = config.router_aux_loss_coef * aux_loss
+        if config.router_z_loss_coef:
+            loss = loss + config.router_z_loss_coef * sum(o.z_loss for o in layer_outputs)
+        if getattr(config, "router_entropy_loss_coef", 0):
+            loss = loss + config.router_entropy_loss_coef * sum(o.entropy_loss for o in layer_outputs)
+        return loss
+
+
+FAMILIES = {
+    "TopKMoe": (TopKMoeConfig, TopKMoeLayer),
+    "HyperMoe": (HyperMoeConfig, HyperMoeLayer),
+    "HyperRouter": (HyperRouterConfig, HyperRouterLayer),
+    "MultiHeadMoe": (MultiHeadMoeConfig, MultiHeadMoeLayer),
+    "DynamicMoe": (DynamicMoeConfig, DynamicMoeLayer),
+}
+
+HEADS = {
+    "Model": AutoModel,
+    "ForCausalLM": AutoModelForCausalLM,
+    "ForMaskedLM": AutoModelForMaskedLM,
+    "ForSequenceClassification": AutoModelForSequenceClassification,
+    "ForTokenClassification": AutoModelForTokenClassification,
+    "ForQuestionAnswering": AutoModelForQuestionAnswering,
+    "ForMultipleChoice": AutoModelForMultipleChoice,
+    "ForConditionalGeneration": AutoModelForSeq2SeqLM,
+}
+_GENERATIVE_HEADS = ("ForCausalLM", "ForConditionalGeneration")
+
+MODEL_CLASSES = {}  # (family, head) -> class
+for _family, (_config_class, _layer_class) in FAMILIES.items():
+    _config_class.register_for_auto_class()  # saved checkpoints carry this code and an `auto_map`
+    for _head, _auto_class in HEADS.items():
+        _bases = (MoePreTrainedModel, GenerationMixin) if _head in _GENERATIVE_HEADS else (MoePreTrainedModel,)
+        _cls = type(
+            f"{_family}{_head}",
+            _bases,
+            {
+                "__module__": __name__,
+                "__doc__": f"{_family} MoE over a dense backbone's `{_auto_class.__name__}` model.",
+                "config_class": _config_class,
+                "layer_class": _layer_class,
+                "auto_class": _auto_class,
+            },
+        )
+        _cls.register_for_auto_class(_auto_class.__name__)
+        globals()[_cls.__name__] = MODEL_CLASSES[_family, _head] = _cls
+
+__all__ = ["MoePreTrainedModel", "MoeFeedForward", "MODEL_CLASSES"] + [cls.__name__ for cls in MODEL_CLASSES.values()]

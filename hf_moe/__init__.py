@@ -31,6 +31,9 @@ from .modeling import modeling_hf_moe as _modeling
 __version__ = "0.1.0"
 
 FAMILY_CONFIGS = (TopKMoeConfig, HyperMoeConfig, HyperRouterConfig, MultiHeadMoeConfig, DynamicMoeConfig)
+FAMILY_NAMES = {  # model type -> class-name prefix
+    config_class.model_type: family for family, (config_class, _) in _modeling.FAMILIES.items()
+}
 
 for _config_class in FAMILY_CONFIGS:
     AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)

@@ -12,6 +12,7 @@ The experts classes are decorated with `@use_experts_implementation` in `experts
 
 import dataclasses
 import functools
+import os
 
 import torch
 from torch import nn
@@ -214,6 +215,60 @@ class MoePreTrainedModel(PreTrainedModel):
             if output_router_logits if output_router_logits is not None else self.config.output_router_logits:
                 output.router_logits = tuple(o.router_logits for o in layer_outputs)
         return output if return_dict is not False else output.to_tuple()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if not os.path.exists(os.path.join(save_directory, "README.md")):
+            self.write_model_card(save_directory)
+
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        # `push_to_hub` saves transformers' generic template card last; replace it with ours (a real card is kept)
+        card_path = os.path.join(working_dir, "README.md")
+        if not os.path.exists(card_path) or "automatically generated" in open(card_path, encoding="utf-8").read():
+            self.write_model_card(working_dir)
+        return super()._upload_modified_files(working_dir, *args, **kwargs)
+
+    def write_model_card(self, directory, name: str | None = None):
+        """README.md: family, backbone, experts, MoE layers, total and active parameters, and how to load."""
+        config, text_config = self.config, self.config.text_config
+        total = sum(p.numel() for p in self.parameters())
+        experts = sum(p.numel() for m in self.modules() if isinstance(m, SortedLoopExperts) for p in m.parameters())
+        top_k, num_experts = config.num_experts_per_tok, config.num_experts
+        if config.model_type == "dynamic_moe":
+            active = f"data-dependent (top-p {config.router_top_p}); {total - experts * (1 - 1 / num_experts):,.0f} at one expert"
+        else:
+            active = f"{total - experts * (1 - top_k / num_experts):,.0f}"
+        blocks = self.moe_blocks()
+        moe_layers = [block.moe.layer_idx for block in blocks if block.stack == blocks[0].stack]
+        head = type(self).__name__
+        card = f"""---
+library_name: transformers
+tags:
+- hf-moe
+- mixture-of-experts
+- {config.model_type}
+---
+
+# {name or head}
+
+A `{config.model_type}` mixture-of-experts model (`{head}`) over a `{text_config.model_type}` backbone, built with
+[hf-moe](https://pypi.org/project/hf-moe/).
+
+| family | backbone | experts | experts per token | MoE layers | total parameters | active parameters |
+|---|---|---|---|---|---|---|
+| {config.model_type} | {text_config.model_type} | {num_experts} | {top_k if config.model_type != "dynamic_moe" else f"top-p {config.router_top_p}"} | {moe_layers} | {total:,} | {active} |
+
+## How to load
+
+```python
+import hf_moe  # registers the family; without hf-moe installed, pass trust_remote_code=True instead
+from transformers import {self.auto_class.__name__}
+
+model = {self.auto_class.__name__}.from_pretrained("<this repository or folder>")
+```
+"""
+        with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as f:
+            f.write(card)
 
     def router_loss(self, layer_outputs, aux_loss):
         """router_aux_loss_coef * aux_loss + z-loss and (top-p) entropy terms, each summed over MoE layers."""

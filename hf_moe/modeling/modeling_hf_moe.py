@@ -107,17 +107,30 @@ class MoePreTrainedModel(PreTrainedModel):
                 f"{type(self).__name__} needs a {text_config.model_type} model for {self.auto_class.__name__}, "
                 "which transformers does not have; pick another head or backbone."
             )
-        self.model = self.auto_class.from_config(text_config)
-        self._no_split_modules = self.model._no_split_modules
+        backbone = self.auto_class.from_config(text_config)
+        if self.auto_class is AutoModel:
+            # base models keep the backbone under `model.<prefix>.` as the heads do (`model.bert.…`, `model.model.…`),
+            # so one checkpoint loads into every head, as a dense base checkpoint does in transformers
+            self.model = nn.Module()
+            setattr(self.model, backbone.base_model_prefix, backbone)
+        else:
+            self.model = backbone
+        self.backbone_prefix = backbone.base_model_prefix if self.auto_class is AutoModel else None
+        self._no_split_modules = backbone._no_split_modules
         self.hyper_generators = self._install_moe_layers()
         self.post_init()
+
+    @property
+    def backbone(self) -> PreTrainedModel:
+        """The transformers model (any head) whose FFNs were replaced."""
+        return getattr(self.model, self.backbone_prefix) if self.backbone_prefix else self.model
 
     def _install_moe_layers(self) -> nn.ModuleDict:
         config = self.config
         adapter = get_adapter(config.text_config.model_type)
         ffn = adapter.ffn_spec(config.text_config)
         generators = nn.ModuleDict()
-        for stack, layers in adapter.stacks(self.model).items():
+        for stack, layers in adapter.stacks(self.backbone).items():
             extra = ()
             if self.layer_class is HyperMoeLayer:  # one generator per stack (methods.md §2.3)
                 generators[stack] = HyperExpertGenerator(config, ffn.hidden_size, len(layers))
@@ -146,22 +159,22 @@ class MoePreTrainedModel(PreTrainedModel):
         return [m for m in self.modules() if isinstance(m, MoeFeedForward)]
 
     def get_input_embeddings(self):
-        return self.model.get_input_embeddings()
+        return self.backbone.get_input_embeddings()
 
     def set_input_embeddings(self, value):
-        self.model.set_input_embeddings(value)
+        self.backbone.set_input_embeddings(value)
 
     def get_output_embeddings(self):
-        return self.model.get_output_embeddings()
+        return self.backbone.get_output_embeddings()
 
     def set_output_embeddings(self, value):
-        self.model.set_output_embeddings(value)
+        self.backbone.set_output_embeddings(value)
 
     def get_encoder(self, *args, **kwargs):
-        return self.model.get_encoder(*args, **kwargs)
+        return self.backbone.get_encoder(*args, **kwargs)
 
     def get_decoder(self, *args, **kwargs):
-        return self.model.get_decoder(*args, **kwargs)
+        return self.backbone.get_decoder(*args, **kwargs)
 
     def forward(
         self,
@@ -202,7 +215,7 @@ class MoePreTrainedModel(PreTrainedModel):
             block.layer_output = None
             block.padding_mask = decoder_attention_mask if encoder_decoder and block.stack == "decoder" else attention_mask
         try:
-            outputs = self.model(**inputs, **kwargs, return_dict=True)
+            outputs = self.backbone(**inputs, **kwargs, return_dict=True)
         finally:
             for block in blocks:
                 block.padding_mask = None
@@ -210,7 +223,7 @@ class MoePreTrainedModel(PreTrainedModel):
         output = _output_class_with_router_fields(type(outputs))(**outputs)
         if layer_outputs:
             output.aux_loss = sum(o.aux_loss for o in layer_outputs)
-            if output.loss is not None:
+            if getattr(output, "loss", None) is not None:
                 output.loss = output.loss + self.router_loss(layer_outputs, output.aux_loss)
             if output_router_logits if output_router_logits is not None else self.config.output_router_logits:
                 output.router_logits = tuple(o.router_logits for o in layer_outputs)

@@ -31,9 +31,7 @@ from .modeling import modeling_hf_moe as _modeling
 __version__ = "0.1.0"
 
 FAMILY_CONFIGS = (TopKMoeConfig, HyperMoeConfig, HyperRouterConfig, MultiHeadMoeConfig, DynamicMoeConfig)
-FAMILY_NAMES = {  # model type -> class-name prefix
-    config_class.model_type: family for family, (config_class, _) in _modeling.FAMILIES.items()
-}
+FAMILY_NAMES = _modeling.FAMILY_BY_MODEL_TYPE  # model type -> class-name prefix
 
 for _config_class in FAMILY_CONFIGS:
     AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)

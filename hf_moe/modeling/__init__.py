@@ -8,11 +8,20 @@ from .configuration_hf_moe import (
     MultiHeadMoeConfig,
     TopKMoeConfig,
 )
-from .experts import BiasedExperts, FfnSpec, GatedExperts, PlainExperts, build_experts
+from .experts import BiasedExperts, FfnSpec, GatedExperts, PlainExperts, SortedLoopExperts, build_experts
 from .moe_dynamic import DynamicMoeLayer
 from .moe_hypermoe import HyperExpertGenerator, HyperMoeLayer
 from .moe_hyperrouter import HyperRouterGate, HyperRouterLayer
 from .moe_mh import MultiHeadMoeLayer, mh_moe_matched_sizes
 from .moe_topk import MoeLayerOutput, Router, TopKMoeLayer
 from .backbones import ADAPTERS, BackboneAdapter, get_adapter
-from .modeling_hf_moe import FAMILIES, HEADS, MODEL_CLASSES, MoeFeedForward, MoePreTrainedModel
+from .modeling_hf_moe import (
+    CUSTOM_INIT_MODULES,
+    FAMILIES,
+    FAMILY_BY_MODEL_TYPE,
+    FAMILY_CONFIG_CLASSES,
+    HEADS,
+    MODEL_CLASSES,
+    MoeFeedForward,
+    MoePreTrainedModel,
+)

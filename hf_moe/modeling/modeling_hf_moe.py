@@ -42,10 +42,11 @@ from .moe_dynamic import DynamicMoeLayer
 from .moe_hypermoe import HyperExpertGenerator, HyperMoeLayer
 from .moe_hyperrouter import HyperRouterGate, HyperRouterLayer
 from .moe_mh import MultiHeadMoeLayer
-from .moe_topk import TopKMoeLayer
+from .moe_topk import Router, TopKMoeLayer
 
 # modules whose initialisation differs from the backbone's generic one (re-applied after it, skipping loaded tensors)
-_CUSTOM_INIT_MODULES = (SortedLoopExperts, HyperExpertGenerator, HyperRouterGate, MultiHeadMoeLayer)
+# each initialises only its own direct parameters in `reset_parameters`, with guarded (skip-if-loaded) init functions
+CUSTOM_INIT_MODULES = (Router, SortedLoopExperts, HyperMoeLayer, HyperExpertGenerator, HyperRouterGate, MultiHeadMoeLayer)
 
 
 class MoeFeedForward(nn.Module):
@@ -152,7 +153,7 @@ class MoePreTrainedModel(PreTrainedModel):
     def initialize_weights(self):
         super().initialize_weights()
         for module in self.modules():
-            if isinstance(module, _CUSTOM_INIT_MODULES):
+            if isinstance(module, CUSTOM_INIT_MODULES):
                 module.reset_parameters()
 
     def moe_blocks(self) -> list[MoeFeedForward]:
@@ -241,7 +242,7 @@ class MoePreTrainedModel(PreTrainedModel):
             self.write_model_card(working_dir)
         return super()._upload_modified_files(working_dir, *args, **kwargs)
 
-    def write_model_card(self, directory, name: str | None = None):
+    def write_model_card(self, directory, extra: str = ""):
         """README.md: family, backbone, experts, MoE layers, total and active parameters, and how to load."""
         config, text_config = self.config, self.config.text_config
         total = sum(p.numel() for p in self.parameters())
@@ -262,7 +263,7 @@ tags:
 - {config.model_type}
 ---
 
-# {name or head}
+# {head}
 
 A `{config.model_type}` mixture-of-experts model (`{head}`) over a `{text_config.model_type}` backbone, built with
 [hf-moe](https://pypi.org/project/hf-moe/).
@@ -280,6 +281,7 @@ from transformers import {self.auto_class.__name__}
 model = {self.auto_class.__name__}.from_pretrained("<this repository or folder>")
 ```
 """
+        card += f"\n{extra}" if extra else ""
         with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as f:
             f.write(card)
 
@@ -313,6 +315,9 @@ HEADS = {
     "ForConditionalGeneration": AutoModelForSeq2SeqLM,
 }
 _GENERATIVE_HEADS = ("ForCausalLM", "ForConditionalGeneration")
+
+FAMILY_BY_MODEL_TYPE = {config_class.model_type: family for family, (config_class, _) in FAMILIES.items()}
+FAMILY_CONFIG_CLASSES = {config_class.model_type: config_class for config_class, _ in FAMILIES.values()}
 
 MODEL_CLASSES = {}  # (family, head) -> class
 for _family, (_config_class, _layer_class) in FAMILIES.items():

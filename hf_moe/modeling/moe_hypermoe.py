@@ -40,6 +40,8 @@ class HyperExpertGenerator(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
+        init.normal_(self.layer_embedding.weight, std=1.0)
+        _torch_default_linear_init(self.trunk)
         # official `adapter_generators.py`: U(-a, a) heads with a tiny a, zero head biases, so HyperMoE = MoE at step 0
         trunk_dim = self.trunk.out_features
         for head, fan in ((self.weight_down, self.hidden_size), (self.weight_up, self.rank)):
@@ -76,6 +78,21 @@ class HyperMoeLayer(TopKMoeLayer):
         self.expert_embedding = nn.Embedding(config.num_experts, dim)  # EmbExp_l
         self.embedding_process = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
         self.__dict__["generator"] = generator
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Initialise this layer's own HyperMoE parameters (router and experts initialise themselves)."""
+        init.normal_(self.expert_embedding.weight, std=1.0)
+        _torch_default_linear_init(self.embedding_process[0])
+        _torch_default_linear_init(self.embedding_process[2])
+
+
+def _torch_default_linear_init(linear: nn.Linear):
+    """PyTorch's own nn.Linear init (the official code's), through transformers' skip-if-loaded init functions."""
+    init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
+    bound = 1 / math.sqrt(linear.in_features)
+    init.uniform_(linear.bias, -bound, bound)
 
     def moe_output(self, x, index, weights, token_mask):
         # `index` is the selection before any capacity drop, as in the official code

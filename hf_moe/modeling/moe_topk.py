@@ -39,12 +39,19 @@ class MoeLayerOutput(ModelOutput):
     mean_experts_per_token: torch.Tensor | None = None
 
 
-class Router(nn.Linear):
-    """Linear router without bias; computes in float32 or wider whatever the model dtype."""
+class Router(nn.Module):
+    """Linear router without bias (`weight` [E, H]); computes in float32 or wider whatever the model dtype."""
 
     def __init__(self, config, hidden_size: int):
-        super().__init__(hidden_size, config.num_experts, bias=False)
-        init.normal_(self.weight, std=config.initializer_range)
+        super().__init__()
+        self.initializer_range = config.initializer_range
+        self.weight = nn.Parameter(torch.empty(config.num_experts, hidden_size))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        # N(0, initializer_range): a zero router ties every token to the same top-k experts (methods.md §1)
+        init.normal_(self.weight, std=self.initializer_range)
 
     def forward(self, x):
         dtype = router_dtype(x.dtype)

@@ -175,6 +175,9 @@ class HyperRouterConfig(MoeConfig):
         )
         _check(self.hyper_router_hidden_dim >= 1, "hyper_router_hidden_dim", self.hyper_router_hidden_dim, "must be >= 1")
 
+    def normalize_topk(self, top_k: int) -> bool:
+        return True  # softmax over the k selected logits, also for k = 1
+
 
 @strict
 class MultiHeadMoeConfig(MoeConfig):

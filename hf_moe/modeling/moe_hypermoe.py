@@ -88,12 +88,6 @@ class HyperMoeLayer(TopKMoeLayer):
         _torch_default_linear_init(self.embedding_process[2])
 
 
-def _torch_default_linear_init(linear: nn.Linear):
-    """PyTorch's own nn.Linear init (the official code's), through transformers' skip-if-loaded init functions."""
-    init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
-    bound = 1 / math.sqrt(linear.in_features)
-    init.uniform_(linear.bias, -bound, bound)
-
     def moe_output(self, x, index, weights, token_mask):
         # `index` is the selection before any capacity drop, as in the official code
         return super().moe_output(x, index, weights, token_mask) + self.hyper_expert(x, index)
@@ -113,3 +107,10 @@ def _torch_default_linear_init(linear: nn.Linear):
             for g, chunk in enumerate(x[order].split(counts))
         ]
         return torch.zeros_like(x).index_copy(0, order, torch.cat(pieces))  # [T, d]
+
+
+def _torch_default_linear_init(linear: nn.Linear):
+    """PyTorch's own nn.Linear init (the official code's), through transformers' skip-if-loaded init functions."""
+    init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
+    bound = 1 / math.sqrt(linear.in_features)
+    init.uniform_(linear.bias, -bound, bound)

@@ -38,8 +38,10 @@ def top_p_routing(probs: torch.Tensor, top_p: float, max_experts: int | None, no
     """
     num_experts = probs.shape[-1]
     sorted_probs, order = probs.sort(dim=-1, descending=True)
-    # prefixes with cumulative mass <= p are too short; the first one past p is the answer
-    num_selected = ((sorted_probs.cumsum(-1) <= top_p).sum(-1) + 1).clamp(max=max_experts or num_experts)
+    # prefixes with cumulative mass <= p are too short; the first one past p is the answer. p >= 1 keeps every
+    # expert explicitly: rounding can push a float cumsum past 1 before the last expert
+    too_short = (sorted_probs.cumsum(-1) <= top_p).sum(-1) if top_p < 1 else torch.full_like(order[:, 0], num_experts)
+    num_selected = (too_short + 1).clamp(max=max_experts or num_experts)
     k_used = int(num_selected.max())  # one host sync: pad only to the widest selection in the batch
     keep = torch.arange(k_used, device=probs.device) < num_selected[:, None]  # [T, k_used]
     index = order[:, :k_used].masked_fill(~keep, num_experts)
@@ -50,15 +52,16 @@ def top_p_routing(probs: torch.Tensor, top_p: float, max_experts: int | None, no
 
 
 def drop_over_capacity(index, weights, num_experts: int, capacity_factor: float, token_mask=None):
-    """Switch-style capacity (Fedus et al. 2022 §2.2): each expert takes at most ceil(factor * T*k / E) slots;
-    first choices of all tokens claim slots before second choices, then in token order. Dropped slots and padding
-    tokens become sentinels with weight 0, so their token passes through the block's residual only.
+    """Switch-style capacity (Fedus et al. 2022 §2.2): each expert takes at most ceil(factor * S / E) slots, S being
+    the routed (token, expert) slots of the real tokens (T*k for top-k); first choices of all tokens claim slots
+    before second choices, then in token order. Dropped slots and padding tokens become sentinels with weight 0, so
+    their token passes through the block's residual only.
     """
     num_tokens, top_k = index.shape
     if token_mask is not None:
         index = index.masked_fill(~token_mask[:, None], num_experts)
-    num_real = num_tokens if token_mask is None else int(token_mask.sum())
-    capacity = math.ceil(capacity_factor * num_real * top_k / num_experts)
+    num_slots = int((index < num_experts).sum())
+    capacity = math.ceil(capacity_factor * num_slots / num_experts)
     claims = torch.nn.functional.one_hot(index.t().reshape(-1), num_experts + 1)  # [k*T, E+1], rank-major
     position = (claims.cumsum(0) * claims).sum(-1).reshape(top_k, num_tokens).t()  # 1-based slot per choice
     dropped = (position > capacity) | (index == num_experts)

@@ -216,6 +216,7 @@ def upcycle(
     moe_layers: list[int] | None = None,
     options: UpcycleOptions = UpcycleOptions(),
     overwrite: bool = False,
+    verify: bool = False,
     max_shard_size: int = 2 * 1024**3,
     revision: str | None = None,
     gguf_file: str | None = None,
@@ -226,7 +227,8 @@ def upcycle(
     an MoE checkpoint folder at `output_dir` that loads with `from_pretrained`. Returns the output path.
 
     The output is written to a temporary folder next to the target and renamed into place only when complete; an
-    existing target is refused unless `overwrite`.
+    existing target is refused unless `overwrite`. With `verify`, source and result are run on sample inputs and the
+    gap (max |delta|, relative error, KL for logits) is logged and written to `verification.json`.
     """
     from .sources import resolve_source
 
@@ -245,6 +247,8 @@ def upcycle(
             _upcycle_streaming(folder, staging, family, num_experts, num_experts_per_tok, moe_layers, options,
                                max_shard_size, progress, family_options)
         _copy_tokenizer_and_generation_config(folder, staging, gguf_file)
+        if verify:
+            _verify(folder, staging, gguf_file)
         _move_into_place(staging, target)
     finally:
         if staging.exists():
@@ -425,6 +429,24 @@ def _upcycle_gguf(folder, gguf_file, staging, family, num_experts, top_k, moe_la
     (staging / "README.md").unlink()
     note = function_preservation_note(moe.config, options)
     moe.write_model_card(staging, extra=_conversion_card_section(f"{folder}/{gguf_file}", family, num_experts, top_k, options, note))
+
+
+def _verify(folder, staging, gguf_file):
+    from transformers import AutoTokenizer
+
+    from .verify import compare_outputs
+
+    converted_config = AutoConfig.from_pretrained(staging)
+    head = HEADS[head_of(converted_config)]
+    source = head.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    converted = head.from_pretrained(staging, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(staging)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    report = compare_outputs(source, converted, tokenizer)
+    (staging / "verification.json").write_text(json.dumps(report, indent=2) + "\n")
+    logger.warning("Verification against the source: %s", json.dumps(report))
 
 
 def _copy_tokenizer_and_generation_config(folder, staging, gguf_file):

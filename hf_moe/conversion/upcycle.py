@@ -7,6 +7,7 @@ Two entry points: `upcycle_model` converts a loaded dense model in memory; `upcy
 the model size. Both build the same expert tensors from the same seed.
 """
 
+import copy
 import json
 import logging
 import shutil
@@ -61,8 +62,11 @@ def build_moe_config(dense_config, family: str, num_experts: int, num_experts_pe
         raise ValueError(f"Unknown family {family!r}; choose one of {', '.join(FAMILY_CONFIG_CLASSES)}.")
     if family != "dynamic_moe":
         options.setdefault("norm_topk_prob", True)
+    text_config = copy.deepcopy(dense_config)
+    if hasattr(text_config, "quantization_config"):
+        del text_config.quantization_config  # the MoE is built unquantised (GGUF sources arrive dequantised)
     return FAMILY_CONFIG_CLASSES[family](
-        text_config=dense_config,
+        text_config=text_config,
         num_experts=num_experts,
         num_experts_per_tok=num_experts_per_tok,
         moe_layers=moe_layers,
@@ -85,9 +89,9 @@ def function_preservation_note(config, options: UpcycleOptions) -> str | None:
     return "; ".join(reasons) or None
 
 
-def head_of(config) -> str:
-    """The hf-moe head matching the checkpoint's architecture (`BertModel` -> "Model", `LlamaForCausalLM` -> ...)."""
-    architecture = (config.architectures or [None])[0]
+def head_of(config, architecture: str | None = None) -> str:
+    """The hf-moe head matching an architecture (default: the checkpoint's), e.g. `BertModel` -> "Model"."""
+    architecture = architecture or (config.architectures or [None])[0]
     for head, auto_class in HEADS.items():
         model_class = auto_class._model_mapping.get(type(config), None)
         if model_class is not None and model_class.__name__ == architecture:
@@ -102,17 +106,19 @@ def head_of(config) -> str:
 def expert_tensor(dense: dict, name: str, expert: int, layer_key: str, options: UpcycleOptions) -> torch.Tensor:
     """Expert `expert`'s copy of the dense FFN tensor `name` ([out, in] or bias), with noise and Drop-Upcycling."""
     tensor = dense[name].detach().clone()
-    if options.reinit_fraction > 0:
+    if options.reinit_fraction > 0 and name in _NEURON_AXIS:
         neurons = _dropped_neurons(dense, expert, layer_key, options)
-        for block in _neuron_blocks(tensor, name):
+        # gate_up_proj stacks two neuron-indexed blocks; down_proj indexes neurons by column
+        blocks = tensor.chunk(2, dim=0) if name == "gate_up_proj" else [tensor]
+        for part, block in enumerate(blocks):
+            rows = block.t() if _NEURON_AXIS[name] == 1 else block
             if name.endswith("_bias"):
-                block[neurons] = 0
-            else:
-                axis_view = block if name != "down_proj" else block.t()
-                mean, std = axis_view.float().mean(), axis_view.float().std()
-                generator = _generator(options.seed, layer_key, expert, name)
-                fresh = torch.randn(len(neurons), axis_view.shape[1], generator=generator) * std + mean
-                axis_view[neurons] = fresh.to(tensor.dtype)
+                rows[neurons] = 0
+                continue
+            # Drop-Upcycling: re-drawn from a normal with the dense matrix's own mean and std
+            generator = _generator(options.seed, layer_key, expert, name, part)
+            fresh = torch.randn(len(neurons), rows.shape[1], generator=generator) * rows.float().std() + rows.float().mean()
+            rows[neurons] = fresh.to(tensor.dtype)
     if options.expert_noise_std > 0 and not name.endswith("_bias"):
         generator = _generator(options.seed + 1, layer_key, expert, name)
         noise = torch.randn(tensor.shape, generator=generator) * (options.expert_noise_std * tensor.float().std())
@@ -120,11 +126,7 @@ def expert_tensor(dense: dict, name: str, expert: int, layer_key: str, options: 
     return tensor
 
 
-def _neuron_blocks(tensor, name):
-    """Views of `tensor` indexed by FFN neuron on dim 0 (down_proj: dim 1); gate_up_proj holds two blocks."""
-    if name == "gate_up_proj":
-        return list(tensor.chunk(2, dim=0))
-    return [tensor]
+_NEURON_AXIS = {"gate_up_proj": 0, "up_proj": 0, "up_proj_bias": 0, "down_proj": 1}  # down_proj_bias has none
 
 
 def _dropped_neurons(dense, expert, layer_key, options):
@@ -181,7 +183,7 @@ def upcycle_model(
     """A loaded dense transformers model -> the same model as an MoE of `family` (a model type, e.g. "hypermoe")."""
     dense_config = dense_model.config
     config = build_moe_config(dense_config, family, num_experts, num_experts_per_tok, moe_layers, **family_options)
-    model_class = MODEL_CLASSES[FAMILY_BY_MODEL_TYPE[family], head_of(dense_config)]
+    model_class = MODEL_CLASSES[FAMILY_BY_MODEL_TYPE[family], head_of(dense_config, type(dense_model).__name__)]
     torch.manual_seed(options.seed)
     moe = model_class(config).to(dense_model.dtype)
     dense_state = dense_model.state_dict()
@@ -422,7 +424,6 @@ def _upcycle_gguf(folder, gguf_file, staging, family, num_experts, top_k, moe_la
     from transformers import AutoModelForCausalLM
 
     dense = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-    dense.config.quantization_config = None
     moe = upcycle_model(dense, family, num_experts=num_experts, num_experts_per_tok=top_k, moe_layers=moe_layers,
                         options=options, **family_options)
     moe.save_pretrained(staging)

@@ -128,14 +128,13 @@ def scalar_loss(out: dict, probe: torch.Tensor, padding_mask, coefs=(0.7, 0.3, 0
     hidden = out["hidden_states"]
     weight = probe if padding_mask is None else probe * padding_mask[..., None].to(probe.dtype)
     loss = (hidden * weight).sum() + coefs[0] * out["aux_loss"] + coefs[1] * out["z_loss"]
-    if out.get("entropy_loss") is not None:
-        loss = loss + coefs[2] * out["entropy_loss"]
+    loss = loss + coefs[2] * out["entropy_loss"]
     return loss
 
 
 def as_dict(output) -> dict:
     return {k: getattr(output, k) for k in ("hidden_states", "router_logits", "aux_loss", "z_loss", "entropy_loss",
-                                            "mean_experts_per_token")}
+                                            "expert_load", "mean_experts_per_token")}
 
 
 def grads(loss, tensors):

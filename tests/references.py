@@ -246,10 +246,10 @@ def reference_layer(layer, family: str, x: torch.Tensor, padding_mask, act_name:
         "real_tokens": torch.tensor(real_tok),
         "selections": selections,
         "keep": keep,
-    }
-    if family == "dynamic":
-        result["entropy_loss"] = sum(-(p * torch.log(p)).sum() for _, p, _, _ in real_rows) / n_real
-        result["mean_experts_per_token"] = torch.tensor(
+        "entropy_loss": sum(-(p * torch.log(p)).sum() for _, p, _, _ in real_rows) / n_real,
+        "expert_load": torch.tensor(fraction, dtype=torch.float64),
+        "mean_experts_per_token": torch.tensor(
             sum(len(chosen) for _, _, chosen, _ in real_rows) / n_real, dtype=torch.float64
-        )
+        ),
+    }
     return result

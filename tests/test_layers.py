@@ -43,12 +43,8 @@ def check_against_reference(layer, generator, act_name, family, x, mask, tol=TOL
     assert got["hidden_states"].shape == x.shape
     assert_rel_close(got["hidden_states"][real], ref["hidden_states"][real], tol, "hidden_states (real tokens)")
     assert_rel_close(got["router_logits"], ref["router_logits"], tol, "router_logits")
-    for key in ("aux_loss", "z_loss", "entropy_loss", "mean_experts_per_token"):
-        if key in ref:
-            assert got[key] is not None, key
-            assert_rel_close(got[key], ref[key], tol, key)
-        else:  # dynamic-only statistics
-            assert got[key] is None, key
+    for key in ("aux_loss", "z_loss", "entropy_loss", "expert_load", "mean_experts_per_token"):
+        assert_rel_close(got[key], ref[key], tol, key)
 
     torch.manual_seed(123)
     probe = torch.randn_like(x)

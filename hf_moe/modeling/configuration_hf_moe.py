@@ -61,6 +61,8 @@ class MoeConfig(PreTrainedConfig):
             # never share a live dense config: the wrapper resets its attention/experts implementation in place
             self.text_config = copy.deepcopy(self.text_config)
         super().__post_init__(**kwargs)
+        # generation reads the top-level flag: an encoder-decoder backbone (T5) makes the wrapper one too
+        self.is_encoder_decoder = bool(getattr(self.text_config, "is_encoder_decoder", False))
         self.validate_moe_fields()
 
     def validate_moe_fields(self):

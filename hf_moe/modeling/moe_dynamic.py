@@ -7,22 +7,14 @@ expert (1e-2) and router entropy (1e-4).
 """
 
 from .moe_topk import TopKMoeLayer
-from .routing import load_balancing_loss, masked_mean, router_entropy, router_z_loss, top_p_routing
+from .routing import top_p_routing
 
 
 class DynamicMoeLayer(TopKMoeLayer):
     """Each token takes the shortest prefix of experts whose probability exceeds `router_top_p`, padded to the
-    batch's widest selection with sentinel slots (index = num_experts, weight 0)."""
+    batch's widest selection with sentinel slots (index = num_experts, weight 0). Router statistics (balance over
+    every selected expert, entropy, mean experts per token) come from the base layer."""
 
     def select(self, probs):
         config = self.config
         return top_p_routing(probs, config.router_top_p, config.router_max_experts, bool(config.norm_topk_prob))
-
-    def router_losses(self, logits, probs, index, token_mask) -> dict:
-        experts_used = (index < self.num_experts).sum(-1).to(probs.dtype)  # [T]
-        return {
-            "aux_loss": load_balancing_loss(probs, index, token_mask),
-            "z_loss": router_z_loss(logits, token_mask),
-            "entropy_loss": router_entropy(probs, token_mask),
-            "mean_experts_per_token": masked_mean(experts_used, token_mask),
-        }

@@ -18,7 +18,6 @@ from transformers import initialization as init
 
 from .experts import FfnSpec
 from .moe_topk import TopKMoeLayer
-from .routing import selection_mask
 
 
 class HyperExpertGenerator(nn.Module):
@@ -94,7 +93,8 @@ class HyperMoeLayer(TopKMoeLayer):
 
     def hyper_expert(self, x, index):
         bits = 1 << torch.arange(self.num_experts, device=x.device)  # [E]
-        keys = (selection_mask(index, self.num_experts).long() * bits).sum(-1)  # [T] bitmask of the selected set
+        selected = torch.zeros(index.shape[0], self.num_experts + 1, dtype=torch.long, device=x.device)
+        keys = (selected.scatter_(1, index, 1)[:, : self.num_experts] * bits).sum(-1)  # [T] bitmask of the set
         set_keys, set_of_token = keys.unique(return_inverse=True)  # [G], [T]
         unselected = ((set_keys[:, None] & bits) == 0).to(x.dtype)  # [G, E]
         set_features = self.embedding_process(unselected @ self.expert_embedding.weight)  # [G, emb]

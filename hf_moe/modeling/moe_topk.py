@@ -13,7 +13,16 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .experts import FfnSpec, build_experts
-from .routing import drop_over_capacity, load_balancing_loss, router_dtype, router_z_loss, top_k_routing
+from .routing import (
+    drop_over_capacity,
+    expert_load,
+    load_balancing_loss,
+    masked_mean,
+    router_dtype,
+    router_entropy,
+    router_z_loss,
+    top_k_routing,
+)
 
 
 @dataclass
@@ -27,8 +36,10 @@ class MoeLayerOutput(ModelOutput):
             MH-MoE routes `moe_num_heads` sub-tokens per token.
         aux_loss (`torch.Tensor`): load-balancing loss of this layer, unweighted, padding excluded.
         z_loss (`torch.Tensor`): router z-loss, unweighted, padding excluded.
-        entropy_loss (`torch.Tensor`, *optional*): mean router entropy (dynamic top-p).
-        mean_experts_per_token (`torch.Tensor`, *optional*): experts used per non-padding token (dynamic top-p).
+        entropy_loss (`torch.Tensor`): mean router entropy over non-padding tokens (a loss term for dynamic top-p).
+        expert_load (`torch.Tensor` of shape `(num_experts,)`): fraction of non-padding tokens routed to each expert
+            (before capacity drops).
+        mean_experts_per_token (`torch.Tensor`): experts selected per non-padding token (k for top-k).
     """
 
     hidden_states: torch.Tensor | None = None
@@ -36,6 +47,7 @@ class MoeLayerOutput(ModelOutput):
     aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
     entropy_loss: torch.Tensor | None = None
+    expert_load: torch.Tensor | None = None
     mean_experts_per_token: torch.Tensor | None = None
 
 
@@ -105,7 +117,11 @@ class TopKMoeLayer(nn.Module):
         return self.experts(x, index, weights)
 
     def router_losses(self, logits, probs, index, token_mask) -> dict:
+        load = expert_load(index, self.num_experts, token_mask, probs.dtype)  # [E]
         return {
-            "aux_loss": load_balancing_loss(probs, index, token_mask),
+            "aux_loss": load_balancing_loss(probs, load, token_mask),
             "z_loss": router_z_loss(logits, token_mask),
+            "entropy_loss": router_entropy(probs, token_mask),
+            "expert_load": load,
+            "mean_experts_per_token": masked_mean((index < self.num_experts).sum(-1).to(probs.dtype), token_mask),
         }

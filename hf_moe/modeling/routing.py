@@ -68,19 +68,18 @@ def drop_over_capacity(index, weights, num_experts: int, capacity_factor: float,
     return index.masked_fill(dropped, num_experts), weights.masked_fill(dropped, 0.0)
 
 
-def selection_mask(index: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[T, E] 0/1 float: which experts each token selected (sentinels ignored)."""
-    one_hot = torch.zeros(index.shape[0], num_experts + 1, dtype=torch.float32, device=index.device)
-    return one_hot.scatter_(1, index, 1.0)[:, :num_experts]
+def expert_load(index: torch.Tensor, num_experts: int, token_mask=None, dtype=torch.float32) -> torch.Tensor:
+    """[E]: fraction of (non-padding) tokens whose selected set contains each expert; sums to the mean number of
+    experts per token (sentinel slots ignored)."""
+    selected = torch.zeros(index.shape[0], num_experts + 1, dtype=dtype, device=index.device)
+    selected.scatter_(1, index, 1.0)
+    return masked_mean(selected[:, :num_experts], token_mask)
 
 
-def load_balancing_loss(probs, index, token_mask=None) -> torch.Tensor:
-    """Switch eq. 4-6 for any selection: `E * sum_e f_e * mean_P_e`, where f_e is the fraction of tokens whose
-    selected set contains e (so sum_e f_e = mean experts per token) and P is the full softmax."""
-    num_experts = probs.shape[-1]
-    fraction = masked_mean(selection_mask(index, num_experts), token_mask)  # [E]
-    mean_prob = masked_mean(probs, token_mask)  # [E]
-    return num_experts * (fraction.to(probs.dtype) * mean_prob).sum()
+def load_balancing_loss(probs, load, token_mask=None) -> torch.Tensor:
+    """Switch eq. 4-6 for any selection: `E * sum_e f_e * mean_P_e`, with f = `expert_load` of the actual selection
+    (multi-assignment for top-k and top-p) and P the full softmax, both over non-padding tokens."""
+    return probs.shape[-1] * (load * masked_mean(probs, token_mask)).sum()
 
 
 def router_z_loss(logits, token_mask=None) -> torch.Tensor:

@@ -70,6 +70,17 @@ class MoeFeedForward(nn.Module):
         return self.dropout(self.layer_output.hidden_states)
 
 
+class _StackGenerator:
+    """The HyperMoE generator of a stack, looked up at every call: PEFT's `modules_to_save` replaces the module in
+    the model's `hyper_generators` with a trainable copy, and the layers must call that copy."""
+
+    def __init__(self, generators: nn.ModuleDict, stack: str):
+        self.generators, self.stack = generators, stack
+
+    def __call__(self, *args):
+        return self.generators[self.stack](*args)
+
+
 @functools.cache
 def _output_class_with_router_fields(output_class):
     """`output_class` (e.g. SequenceClassifierOutput) extended with `aux_loss` and `router_logits`."""
@@ -135,7 +146,7 @@ class MoePreTrainedModel(PreTrainedModel):
             extra = ()
             if self.layer_class is HyperMoeLayer:  # one generator per stack (methods.md §2.3)
                 generators[stack] = HyperExpertGenerator(config, ffn.hidden_size, len(layers))
-                extra = (generators[stack],)
+                extra = (_StackGenerator(generators, stack),)
             for idx, layer in enumerate(layers):
                 if config.is_moe_layer(idx):
                     moe = self.layer_class(config, ffn, idx, *extra).train(layer.training)

@@ -125,6 +125,11 @@ class MoePreTrainedModel(PreTrainedModel):
             # so one checkpoint loads into every head, as a dense base checkpoint does in transformers
             self.model = nn.Module()
             setattr(self.model, backbone.base_model_prefix, backbone)
+            # transformers collects tied weights (T5's shared embeddings) only from PreTrainedModel children
+            self.model.all_tied_weights_keys = {
+                f"{backbone.base_model_prefix}.{target}": f"{backbone.base_model_prefix}.{source}"
+                for target, source in backbone.all_tied_weights_keys.items()
+            }
         else:
             self.model = backbone
         self.backbone_prefix = backbone.base_model_prefix if self.auto_class is AutoModel else None
@@ -183,6 +188,8 @@ class MoePreTrainedModel(PreTrainedModel):
         self.backbone.set_output_embeddings(value)
 
     def get_encoder(self, *args, **kwargs):
+        for block in self.moe_blocks():  # generate() runs the encoder outside `forward`: no padding mask known
+            block.padding_mask = None
         return self.backbone.get_encoder(*args, **kwargs)
 
     def get_decoder(self, *args, **kwargs):
@@ -224,14 +231,20 @@ class MoePreTrainedModel(PreTrainedModel):
         blocks = self.moe_blocks()
         encoder_decoder = self.config.text_config.is_encoder_decoder
         for block in blocks:
+            # the mask stays set after the forward: gradient checkpointing re-runs the blocks during backward
             block.layer_output = None
             block.padding_mask = decoder_attention_mask if encoder_decoder and block.stack == "decoder" else attention_mask
-        try:
-            outputs = self.backbone(**inputs, **kwargs, return_dict=True)
-        finally:
-            for block in blocks:
-                block.padding_mask = None
+        outputs = self.backbone(**inputs, **kwargs, return_dict=True)
         layer_outputs = [block.layer_output for block in blocks if block.layer_output is not None]
+        if torch.is_grad_enabled() and any(
+            not b.layer_output.router_logits.requires_grad and any(p.requires_grad for p in b.moe.router.parameters())
+            for b in blocks
+            if b.layer_output is not None
+        ):
+            raise ValueError(
+                "The router losses have no gradient: reentrant gradient checkpointing runs the MoE layers without "
+                "grad. Enable it with gradient_checkpointing_kwargs={'use_reentrant': False} (the default)."
+            )
         output = _output_class_with_router_fields(type(outputs))(**outputs)
         if layer_outputs:
             output.aux_loss = sum(o.aux_loss for o in layer_outputs)

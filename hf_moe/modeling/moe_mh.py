@@ -33,6 +33,8 @@ class MultiHeadMoeLayer(TopKMoeLayer):
 
     @torch.no_grad()
     def reset_parameters(self):
+        if self.num_heads == 1:
+            return  # no head or merge projection: h = 1 is the top-k baseline
         # official init: xavier_uniform with gain 1/sqrt(2) for the head, plain xavier for the merge; zero biases
         init.xavier_uniform_(self.head_proj.weight, gain=1 / math.sqrt(2))
         init.xavier_uniform_(self.merge_proj.weight)

@@ -51,8 +51,9 @@ def _as_array(values) -> np.ndarray:
     """Model outputs / labels as a numpy array; a tuple of arrays (logits plus extra outputs) gives its first one."""
     if isinstance(values, tuple) and values and np.ndim(values[0]) >= 1:
         values = values[0]
-    if hasattr(values, "detach"):
-        values = values.detach().float().cpu().numpy()
+    if hasattr(values, "detach"):  # a torch tensor
+        values = values.detach().cpu()
+        values = (values.float() if values.is_floating_point() else values).numpy()
     return np.asarray(values)
 
 
@@ -76,7 +77,7 @@ def _idx_list(dataset) -> list:
     return rows
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity (`files` is a dict)
 class Task:
     """A GLUE/SuperGLUE task (see `hf_moe.tasks.TASKS`).
 
@@ -227,9 +228,14 @@ class Task:
         if raw is None:
             return -1.0 if self.is_regression else -1
 
-        def bad(reason=""):
-            expected = "a float score" if self.is_regression else f"one of {list(self.label_names)} (or ids 0..{self.num_labels - 1})"
-            return ValueError(f"{path}, line {line}: label {raw!r} is not in the label set of task {self.name!r}: expected {expected}{reason}")
+        def bad():
+            if self.is_regression:
+                expected = "a float score"
+            else:
+                expected = f"one of {list(self.label_names)} (or ids 0..{self.num_labels - 1})"
+            return ValueError(
+                f"{path}, line {line}: label {raw!r} is not in the label set of task {self.name!r}: expected {expected}"
+            )
 
         if self.is_regression:
             try:

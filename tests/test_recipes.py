@@ -4,6 +4,7 @@ choice), Trainer resume equivalence, 2-process CPU DDP through examples/run_glue
 Tiny random backbones with the MiniLM tokenizer, a few rows of the local GLUE/SuperGLUE data, a few steps."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -122,3 +123,77 @@ def test_quickstart_offline_without_data_names_the_option(monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert quickstart.main([]) == 2
     assert "--data-dir" in capsys.readouterr().err
+
+
+def test_finetune_with_lora_trains_adapters_and_leaves_expert_weights(tiny_bert, tmp_path):
+    trainer, info = build_trainer(tiny_bert, "rte", family="hyperrouter", peft="lora", output_dir=str(tmp_path),
+                                  max_steps=3, lr=1e-2, **SMALL)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    frozen_experts = [n for n in before if ".experts." in n and n.endswith(("_proj", "_proj_bias"))]
+    assert frozen_experts and not changed & set(frozen_experts)  # base expert weights untouched
+    assert any("experts" in n and "lora_B" in n for n in changed)  # adapters on the fused experts learned
+    assert any(".router." in n for n in changed) and any("classifier" in n for n in changed)
+    assert not any(".hypernet." in n for n in changed)  # HyperRouter's frozen hypernetwork
+    assert 0 <= trainer.evaluate()["eval_accuracy"] <= 1
+
+
+def _last_json(text):
+    return json.loads(text[text.rindex("\n{\n") + 1:])
+
+
+def test_run_clm_upcycles_trains_saves_and_continues(tiny_llama, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "examples"))
+    import run_clm
+    from transformers import AutoModelForCausalLM
+
+    sentences = Path(DATA_DIR, "glue", "SST-2", "train.tsv").read_text().splitlines()[1:400]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(line.split("\t")[0] for line in sentences))
+    common = ["--train-file", str(corpus), "--block-size", "32", "--batch-size", "4", "--lr", "1e-3"]
+    out = tmp_path / "moe"
+    assert run_clm.main(["--model", tiny_llama, "--family", "topk_moe", "--output-dir", str(out), "--max-steps", "4",
+                         "--save-model", *common]) == 0
+    first = _last_json(capsys.readouterr().out)
+    assert math.isfinite(first["eval_loss"]) and first["perplexity"] == pytest.approx(math.exp(first["eval_loss"]))
+    assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "TopKMoeForCausalLM"
+
+    assert run_clm.main(["--model", str(out), "--output-dir", str(tmp_path / "more"), "--max-steps", "4", *common]) == 0
+    assert _last_json(capsys.readouterr().out)["eval_loss"] < first["eval_loss"]  # continued training on the same text
+
+
+def test_quickstart_prints_a_row_per_model(tiny_bert, tmp_path, capsys):
+    from hf_moe import quickstart
+
+    argv = ["--model", tiny_bert, "--data-dir", DATA_DIR, "--families", "topk_moe,dynamic_moe", "--train-samples", "16",
+            "--max-length", "16", "--output-dir", str(tmp_path)]
+    assert quickstart.main(argv) == 0
+    table = capsys.readouterr().out
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [r["family"] for r in rows] == ["dense", "topk_moe", "dynamic_moe"]
+    assert all(r["eval_samples"] == 872 for r in rows)  # the full SST-2 dev set
+    for row in rows:
+        assert f"| {row['family']:<12} | {row['accuracy']:>12.4f} |" in table
+
+
+def test_compare_families_resumes_and_tabulates_mean_and_std(tiny_bert, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "examples"))
+    import compare_families
+
+    argv = ["--model", tiny_bert, "--data-dir", DATA_DIR, "--output-dir", str(tmp_path), "--tasks", "cb",
+            "--families", "topk_moe", "--seeds", "0,1", "--workers", "1",
+            "--max-train-samples", "32", "--max-length", "32"]
+    assert compare_families.main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["family"], r["seed"]) for r in rows) == [("dense", 0), ("dense", 1), ("topk_moe", 0), ("topk_moe", 1)]
+    capsys.readouterr()
+    assert compare_families.main(argv) == 0  # everything done: nothing reruns
+    assert "0 runs to do" in capsys.readouterr().out
+    table = (tmp_path / "results.md").read_text()
+    for family in ("dense", "topk_moe"):
+        accuracies = [r["accuracy"] for r in rows if r["family"] == family]
+        mean = sum(accuracies) / 2
+        std = (sum((a - mean) ** 2 for a in accuracies)) ** 0.5  # sample std of 2 values: |a - b| / sqrt(2)
+        assert f"| {family} | {100 * mean:.1f} ± {100 * std:.1f} |" in table

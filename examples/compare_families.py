@@ -22,7 +22,7 @@ from multiprocessing import get_context
 FAMILIES = ("topk_moe", "hypermoe", "hyperrouter", "mh_moe", "dynamic_moe")
 FAMILY_OPTIONS = {"dynamic_moe": {"router_top_p": 0.4, "norm_topk_prob": True}}
 # task: (train subset, max_length, epochs); dev splits are used in full
-PRESETS = {"sst2": (1024, 64, 1.0), "rte": (512, 128, 1.0), "mrpc": (512, 128, 1.0), "cb": (250, 128, 3.0)}
+PRESETS = {"sst2": (1024, 64, 1.0), "rte": (384, 64, 1.0), "mrpc": (384, 64, 1.0), "cb": (250, 64, 2.0)}
 
 
 def run_one(job, threads):

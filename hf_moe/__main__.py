@@ -1,6 +1,6 @@
 """`python -m hf_moe`: build every family over a small random BERT, run a labelled batch and print a summary.
 
-A smoke run that needs no download; the fine-tuning quickstart on real data is `hf-moe quickstart --data-dir DIR` (work in progress).
+A smoke run that needs no download; the fine-tuning quickstart on real data is `hf-moe quickstart` (README).
 """
 
 import time

@@ -22,7 +22,7 @@ from multiprocessing import get_context
 FAMILIES = ("topk_moe", "hypermoe", "hyperrouter", "mh_moe", "dynamic_moe")
 FAMILY_OPTIONS = {"dynamic_moe": {"router_top_p": 0.4, "norm_topk_prob": True}}
 # task: (train subset, max_length, epochs); dev splits are used in full
-PRESETS = {"sst2": (1024, 64, 1.0), "rte": (384, 64, 1.0), "mrpc": (384, 64, 1.0), "cb": (250, 64, 2.0)}
+PRESETS = {"sst2": (1024, 64, 1.0), "rte": (384, 64, 1.0), "mrpc": (1024, 64, 1.0), "cb": (250, 64, 3.0)}
 
 
 def run_one(job, threads):
@@ -48,29 +48,32 @@ def load_done(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def mean_std(values):
+def mean_std(values, seeds):
+    """Mean ± sample std in %; "(n=k)" where fewer than all seeds have finished."""
     if not values:
         return "–"
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.1f} ± {100 * std:.1f}"
+    partial = f" (n={len(values)})" if len(values) < seeds else ""
+    return f"{100 * statistics.mean(values):.1f} ± {100 * std:.1f}{partial}"
 
 
 def markdown(rows, tasks, models):
     from hf_moe.tasks import get_task
 
     columns = [(task, key) for task in tasks for key in get_task(task).metric_keys]
+    seeds = sorted({r["seed"] for r in rows})
     header = "| model | " + " | ".join(f"{task} {key}" for task, key in columns) + " | total params | active params |"
     lines = [header, "|---|" + "---:|" * (len(columns) + 2)]
     for model in models:
         mine = [r for r in rows if r["family"] == model]
         if not mine:
             continue
-        cells = [mean_std([r[key] for r in mine if r["task"] == task and not math.isnan(r[key])]) for task, key in columns]
+        cells = [mean_std([r[key] for r in mine if r["task"] == task and not math.isnan(r[key])], len(seeds))
+                 for task, key in columns]
         sst2 = [r for r in mine if r["task"] == tasks[0]] or mine
         cells += [f"{sst2[0]['total_params'] / 1e6:.1f}M", f"{statistics.mean(r['active_params'] for r in sst2) / 1e6:.1f}M"]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    seeds = sorted({r["seed"] for r in rows})
-    presets = ", ".join(f"{t} {PRESETS[t][0]} train / max_length {PRESETS[t][1]} / {PRESETS[t][2]:g} epochs" for t in tasks)
+    presets = ", ".join(f"{t} {PRESETS[t][0]} train / max_length {PRESETS[t][1]} / {PRESETS[t][2]:g} epoch(s)" for t in tasks)
     lines += ["", f"Mean ± sample std over seeds {seeds}, in %, on the full dev split. Presets: {presets}."]
     return "\n".join(lines)
 

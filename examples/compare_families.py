@@ -19,8 +19,8 @@ import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 
-FAMILIES = ("topk_moe", "hypermoe", "hyperrouter", "mh_moe", "dynamic_moe")
-FAMILY_OPTIONS = {"dynamic_moe": {"router_top_p": 0.4, "norm_topk_prob": True}}
+from hf_moe.quickstart import FAMILIES, FAMILY_OPTIONS, default_model_path
+
 # task: (train subset, max_length, epochs); dev splits are used in full
 PRESETS = {"sst2": (1024, 64, 1.0), "rte": (384, 64, 1.0), "mrpc": (1024, 64, 1.0), "cb": (250, 64, 3.0)}
 
@@ -92,7 +92,6 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     args = p.parse_args(argv)
-    from hf_moe.quickstart import default_model_path
 
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in PRESETS]

@@ -221,21 +221,6 @@ def finetune(
     task,
     *,
     family: str | None = None,
-    num_experts: int = 8,
-    top_k: int = 2,
-    router_top_p: float | None = None,
-    data_dir: str | os.PathLike | None = None,
-    output_dir: str,
-    max_train_samples: int | None = None,
-    max_eval_samples: int | None = None,
-    epochs: float = 1.0,
-    max_steps: int = -1,
-    lr: float = 5e-5,
-    batch_size: int = 16,
-    max_length: int = 128,
-    seed: int = 0,
-    peft: str | None = None,
-    telemetry: bool = True,
     resume_from_checkpoint: str | bool | None = None,
     checksum: bool = False,
     save_model: bool = False,
@@ -244,8 +229,8 @@ def finetune(
     """Fine-tune `model_name_or_path` (dense, or upcycled into `family`) on `task`; evaluate on its dev split.
 
     task: a task name (`hf_moe.tasks.TASKS`; unknown names raise ValueError listing the valid ones). family: an hf-moe
-    model type (`topk_moe`, `hypermoe`, `hyperrouter`, `mh_moe`, `dynamic_moe`) or None for the dense baseline;
-    num_experts/top_k/router_top_p and any other keyword (`norm_topk_prob=True`, `moe_layer_frequency=2`, ...) go to
+    model type (`topk_moe`, `hypermoe`, `hyperrouter`, `mh_moe`, `dynamic_moe`) or None for the dense baseline.
+    Every other keyword is `build_trainer`'s: num_experts/top_k/router_top_p and any other keyword (`norm_topk_prob=True`, `moe_layer_frequency=2`, ...) go to
     the family config. data_dir: local GLUE/SuperGLUE folder (default `$HF_MOE_DATA_DIR`, else the Hub).
     max_train_samples: a seeded random subset of train; max_eval_samples: the first rows of the dev split.
     epochs or max_steps (> 0 wins); peft="lora": LoRA adapters (`apply_lora`), routers and head trained in full.
@@ -257,12 +242,7 @@ def finetune(
     "eval_time_s", "train_loss", "global_step", "total_params", "expert_params", "active_params" (dynamic top-p:
     from the measured mean experts per token), "experts_per_token" (MoE), "trainable_params", and with
     `checksum=True` "param_sha256"."""
-    trainer, info = build_trainer(
-        model_name_or_path, task, family=family, num_experts=num_experts, top_k=top_k, router_top_p=router_top_p,
-        data_dir=data_dir, output_dir=output_dir, max_train_samples=max_train_samples,
-        max_eval_samples=max_eval_samples, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size,
-        max_length=max_length, seed=seed, peft=peft, telemetry=telemetry, **kwargs,
-    )
+    trainer, info = build_trainer(model_name_or_path, task, family=family, **kwargs)
     task = info["task"]
     start = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)

@@ -331,3 +331,10 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def model_depth(model) -> int:
+    """Transformer layers between a model's inputs and its outputs (T5's decoder follows its encoder)."""
+    config = model.config.get_text_config()
+    decoder = getattr(config, "num_decoder_layers", 0) if config.is_encoder_decoder else 0
+    return config.num_hidden_layers + decoder

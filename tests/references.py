@@ -167,7 +167,7 @@ def _router_rows(layer, family: str, rows: list[torch.Tensor], config):
     out = []
     if family == "hyperrouter":
         rp = params_of(layer.router)
-        hp = {n: b for n, b in layer.router.hypernet.named_parameters()}
+        hp = layer.router.hypernet.state_dict(keep_vars=True)  # frozen: held as buffers
         hidden = act("relu", linear(hp["0.weight"], hp["0.bias"], rp["router_embedding"]))
         theta = linear(hp["2.weight"], hp["2.bias"], hidden).reshape(num_experts, -1)  # [E, d+1]
         w_router, b_router = theta[:, :-1], theta[:, -1]

@@ -45,7 +45,6 @@ INVALID = [
     (TopKMoeConfig, {"moe_layers": [-1]}, "moe_layers"),
     (TopKMoeConfig, {"moe_layers": [0, 0]}, "moe_layers"),
     (TopKMoeConfig, {"moe_layers": []}, "moe_layers"),
-    (HyperMoeConfig, {"num_experts": 64}, "num_experts"),
     (HyperMoeConfig, {"hyper_adapter_rank": 0}, "hyper_adapter_rank"),
     (HyperMoeConfig, {"hyper_embedding_dim": 0}, "hyper_embedding_dim"),
     (HyperRouterConfig, {"norm_topk_prob": False}, "norm_topk_prob"),
@@ -85,7 +84,7 @@ def test_valid_edge_values_are_accepted():
     build(TopKMoeConfig, num_experts_per_tok=4, moe_layers=[0, 1], expert_capacity_factor=1e-3)
     build(DynamicMoeConfig, router_top_p=1.0, router_max_experts=4)
     build(MultiHeadMoeConfig, moe_num_heads=32)
-    build(HyperMoeConfig, num_experts=63, num_experts_per_tok=2)
+    build(HyperMoeConfig, num_experts=256, num_experts_per_tok=8)
 
 
 def test_documented_defaults():

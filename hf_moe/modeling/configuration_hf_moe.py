@@ -86,6 +86,7 @@ class MoeConfig(PreTrainedConfig):
                     f"must hold layer indices in [0, {num_layers})",
                 )
         _check(self.moe_layer_frequency >= 1, "moe_layer_frequency", self.moe_layer_frequency, "must be >= 1")
+        self._check_every_stack_has_moe_layer()
         if self.moe_intermediate_size is not None:
             _check(self.moe_intermediate_size >= 1, "moe_intermediate_size", self.moe_intermediate_size, "must be >= 1")
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
@@ -99,6 +100,31 @@ class MoeConfig(PreTrainedConfig):
                 "must be > 0, or None for dropless routing",
             )
         _check(self.initializer_range > 0, "initializer_range", self.initializer_range, "must be > 0")
+
+    def _check_every_stack_has_moe_layer(self):
+        """Refuse a placement that leaves a stack dense: one setting covers both stacks of T5, whose decoder may be
+        shorter than its encoder."""
+        num_layers = getattr(self.text_config, "num_hidden_layers", None)
+        stacks = {"backbone": num_layers}
+        if getattr(self.text_config, "is_encoder_decoder", False):
+            stacks = {"encoder": num_layers, "decoder": getattr(self.text_config, "num_decoder_layers", num_layers)}
+        for stack, size in stacks.items():
+            has_moe = size is None or any(self.is_moe_layer(i) for i in range(size))
+            if self.moe_layers is None:
+                _check(
+                    has_moe,
+                    "moe_layer_frequency",
+                    self.moe_layer_frequency,
+                    f"makes no layer of the {stack} ({size} layers) MoE; use a value <= {size} (layer i is MoE iff "
+                    "i % frequency == frequency - 1) or list the layers in moe_layers",
+                )
+            else:
+                _check(
+                    has_moe,
+                    "moe_layers",
+                    self.moe_layers,
+                    f"names no layer of the {stack} ({size} layers); include an index below {size}",
+                )
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         if self.moe_layers is not None:
@@ -144,8 +170,6 @@ class HyperMoeConfig(MoeConfig):
 
     def validate_moe_fields(self):
         super().validate_moe_fields()
-        # selection sets are keyed by an int64 bitmask (methods.md §2.4)
-        _check(self.num_experts <= 63, "num_experts", self.num_experts, "must be <= 63 for HyperMoE")
         for name in ("hyper_embedding_dim", "hyper_layer_embedding_dim", "hyper_hidden_dim", "hyper_adapter_rank"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
 

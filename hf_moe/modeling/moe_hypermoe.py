@@ -92,16 +92,15 @@ class HyperMoeLayer(TopKMoeLayer):
         return super().moe_output(x, index, weights, token_mask) + self.hyper_expert(x, index)
 
     def hyper_expert(self, x, index):
-        bits = 1 << torch.arange(self.num_experts, device=x.device)  # [E]
-        selected = torch.zeros(index.shape[0], self.num_experts + 1, dtype=torch.long, device=x.device)
-        keys = (selected.scatter_(1, index, 1)[:, : self.num_experts] * bits).sum(-1)  # [T] bitmask of the set
-        set_keys, set_of_token = keys.unique(return_inverse=True)  # [G], [T]
-        unselected = ((set_keys[:, None] & bits) == 0).to(x.dtype)  # [G, E]
+        # a set is keyed by its sorted indices (any number of experts; a sentinel slot, index E, selects nothing)
+        sets, set_of_token = index.sort(-1).values.unique(dim=0, return_inverse=True)  # [G, k], [T]
+        selected = torch.zeros(len(sets), self.num_experts + 1, dtype=x.dtype, device=x.device).scatter_(1, sets, 1.0)
+        unselected = 1 - selected[:, : self.num_experts]  # [G, E]
         set_features = self.embedding_process(unselected @ self.expert_embedding.weight)  # [G, emb]
         w_down, b_down, w_up, b_up = self.generator(set_features, self.layer_idx)
 
         order = set_of_token.argsort(stable=True)
-        counts = torch.bincount(set_of_token, minlength=len(set_keys)).tolist()
+        counts = torch.bincount(set_of_token, minlength=len(sets)).tolist()
         pieces = [
             torch.relu(chunk @ w_down[g] + b_down[g]) @ w_up[g] + b_up[g]
             for g, chunk in enumerate(x[order].split(counts))

@@ -1,8 +1,9 @@
 """HyperRouter (Do et al., EMNLP 2023; official code giangdip2410/HyperRouter `custom_gate.py`): a frozen random
 hypernetwork generates each layer's router weight and bias from a small trainable embedding (methods.md §3).
 
-Departures from the official code: the hypernetwork is a set of frozen parameters saved with the model (so the
-router is reproducible without RNG state), and k is fixed unless a training callback changes it.
+Departures from the official code: the hypernetwork is held as buffers saved with the model (so the router is
+reproducible without RNG state, and no loader, optimizer or PEFT wrapper can make it trainable), and k is fixed unless
+a training callback changes it.
 """
 
 import torch
@@ -14,6 +15,19 @@ from .moe_topk import TopKMoeLayer
 from .routing import router_dtype
 
 
+class FrozenLinear(nn.Module):
+    """A linear layer whose `weight` and `bias` are persistent buffers: checkpoint keys as nn.Linear's, moved and cast
+    with the model, never trainable (transformers' loader turns every loaded parameter back into a trainable one)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(out_features, in_features))
+        self.register_buffer("bias", torch.empty(out_features))
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
 class HyperRouterGate(nn.Module):
     """theta = Lin(d->H) -> ReLU -> Lin(H->E*(d+1)) of the embedding e; W_r = theta[:, :d], b_r = theta[:, d]."""
 
@@ -22,13 +36,12 @@ class HyperRouterGate(nn.Module):
         self.num_experts = config.num_experts
         self.initializer_range = config.initializer_range
         self.router_embedding = nn.Parameter(torch.empty(hidden_size))  # e, trainable
-        self.hypernet = nn.Sequential(
-            nn.Linear(hidden_size, config.hyper_router_hidden_dim),
+        self.hypernet = nn.Sequential(  # frozen, as the official name filter on "hypernet" does
+            FrozenLinear(hidden_size, config.hyper_router_hidden_dim),
             nn.ReLU(),
-            nn.Linear(config.hyper_router_hidden_dim, config.num_experts * (hidden_size + 1)),
+            FrozenLinear(config.hyper_router_hidden_dim, config.num_experts * (hidden_size + 1)),
         )
         self.reset_parameters()
-        self.hypernet.requires_grad_(False)  # frozen, as the official name filter on "hypernet" does
 
     @torch.no_grad()
     def reset_parameters(self):

@@ -107,6 +107,11 @@ class TopKMoeLayer(nn.Module):
 
     def select(self, probs):
         top_k = self.config.num_experts_per_tok
+        if not 1 <= top_k <= self.num_experts:  # checked here: the config can change after construction
+            raise ValueError(
+                f"num_experts_per_tok={top_k} must be between 1 and num_experts ({self.num_experts}); "
+                "set model.config.num_experts_per_tok within that range."
+            )
         return top_k_routing(probs, top_k, self.config.normalize_topk(top_k))
 
     def moe_output(self, x, index, weights, token_mask):

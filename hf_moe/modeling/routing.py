@@ -18,8 +18,9 @@ def masked_mean(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.
     """Mean over the token axis (dim 0) of `values` [T, ...], counting only tokens where `token_mask` is True."""
     if token_mask is None:
         return values.mean(0)
-    weights = token_mask.to(values.dtype).reshape(-1, *([1] * (values.dim() - 1)))
-    return (values * weights).sum(0) / weights.sum().clamp(min=1)
+    # select, never multiply by the mask: a NaN or Inf at a padding position times 0 is still NaN
+    real = token_mask.reshape(-1, *([1] * (values.dim() - 1)))
+    return torch.where(real, values, 0).sum(0) / token_mask.sum().clamp(min=1)
 
 
 def top_k_routing(probs: torch.Tensor, top_k: int, normalize: bool):

@@ -1,8 +1,8 @@
 """Conversion benchmark: streaming `hf_moe.conversion.upcycle` of a generated dense fp32 Llama checkpoint (>= 4 GB in
 full mode) into `topk_moe` with 8 experts, against copying and writing the same number of output bytes.
 
-    python benchmarks/conversion.py            # full: 4.4 GB source, 21 GB output, 2 rounds (~7 min, 30 GB disk)
-    python benchmarks/conversion.py --quick    # ~60 MB source, 10 interleaved rounds (< 1 min)
+    python -m benchmarks.conversion            # full: 4.4 GB source, 21 GB output, 2 rounds (~7 min, 30 GB disk)
+    python -m benchmarks.conversion --quick    # ~60 MB source, 10 interleaved rounds (< 1 min)
 
 Steps (all under a temporary folder in /tmp, deleted at the end, also on error):
 1. check free disk space (`shutil.disk_usage`); in full mode the layer count shrinks if the disk is short (reported);
@@ -31,9 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import fmt_ratio, load_average, machine_info, machine_markdown, md_table, write_results
+from ._common import fmt_ratio, load_average, machine_info, machine_markdown, md_table, write_results
 
 GB = 1024**3
 
@@ -261,7 +259,7 @@ def markdown(res, info, quick):
     c = res["config"]
     parts = [
         "# Conversion benchmark", "", machine_markdown(info), "",
-        f"Command: `python benchmarks/conversion.py{' --quick' if quick else ''}`. Source: random fp32 Llama "
+        f"Command: `python -m benchmarks.conversion{' --quick' if quick else ''}`. Source: random fp32 Llama "
         f"(hidden {c['hidden_size']}, intermediate {c['intermediate_size']}, {res['layers']} layers, vocab "
         f"{c['vocab_size']}), {gb(res['source_bytes'])} in {res['source_shards']} shards; output `topk_moe`, 8 experts, "
         f"top-2, max_shard_size {gb(res['max_shard_size'])}: {gb(res['output_bytes'])} in {res['output_shards']} "

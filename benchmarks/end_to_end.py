@@ -1,8 +1,8 @@
 """End-to-end benchmark: fine-tuning throughput of upcycled all-MiniLM-L6-v2 per family against the dense model, and
 greedy-generation tokens/s of a small random Llama upcycled per family against the dense Llama.
 
-    python benchmarks/end_to_end.py            # full run (~6 min on the 2-core CPU)
-    python benchmarks/end_to_end.py --quick    # smoke run (< 1 min): tiny random BERT and Llama, no MiniLM weights
+    python -m benchmarks.end_to_end            # full run (~6 min on the 2-core CPU)
+    python -m benchmarks.end_to_end --quick    # smoke run (< 1 min): tiny random BERT and Llama, no MiniLM weights
 
 Fine-tuning: one step = forward with labels (sequence classification, 2 labels) + backward + AdamW step (fused, the
 Trainer's default optimizer with torch >= 2.8) + zero_grad,
@@ -21,14 +21,9 @@ All models of a section are timed round-robin in one process; throughput ratios 
 
 import argparse
 import logging
-import sys
-import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from _common import (
+from ._common import (
     bench_round_robin,
     contention_summary,
     fmt_ratio,
@@ -193,7 +188,7 @@ def generation(args):
 
 def markdown(ft, gen, info, args):
     parts = ["# End-to-end benchmark", "", machine_markdown(info), "",
-             f"Command: `python benchmarks/end_to_end.py{' --quick' if args.quick else ''}`. Throughput ratios: "
+             f"Command: `python -m benchmarks.end_to_end{' --quick' if args.quick else ''}`. Throughput ratios: "
              "median (min–max) over rounds of dense time / model time, all models interleaved round-robin.", ""]
     first = next(iter(ft["models"].values()))
     parts += [f"## Fine-tuning: {ft['source']}, batch {ft['batch']} x seq {ft['seq']}, fwd+bwd+AdamW "

@@ -1,9 +1,9 @@
 """Layer benchmark: forward and forward+backward of every hf-moe family against the dense active-compute floor and
 transformers' own `MixtralSparseMoeBlock` on identical weights.
 
-    python benchmarks/layers.py            # full run (two sizes, ~5 min on the 2-core CPU without other load)
-    python benchmarks/layers.py --quick    # small smoke run (< 1 min)
-    python benchmarks/layers.py --size bert   # one size only (mixtral: 512/2048 x 4096 tokens; bert: 768/3072 x 1024)
+    python -m benchmarks.layers            # full run (two sizes, ~5 min on the 2-core CPU without other load)
+    python -m benchmarks.layers --quick    # small smoke run (< 1 min)
+    python -m benchmarks.layers --size bert   # one size only (mixtral: 512/2048 x 4096 tokens; bert: 768/3072 x 1024)
 
 Definitions (all fp32, 2 threads, SwiGLU experts as in Mixtral/LLaMA, 8 experts, top-2, inputs ~ N(0, 1)):
 - floor ("dense FFN x k"): the dense SwiGLU FFN of one expert's width I run k times on all T tokens (k separate calls,
@@ -23,16 +23,10 @@ Definitions (all fp32, 2 threads, SwiGLU experts as in Mixtral/LLaMA, 8 experts,
 """
 
 import argparse
-import copy
-import statistics
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 import torch.nn.functional as F
-from _common import (
+from ._common import (
     bench_round_robin,
     contention_summary,
     fmt_ms,
@@ -318,7 +312,7 @@ def run_size(label, hidden, intermediate, tokens, repeats, budget_s, all_impls, 
 
 def markdown(results, info, args):
     parts = ["# Layer benchmark", "", machine_markdown(info), "",
-             f"Command: `python benchmarks/layers.py{' --quick' if args.quick else ''}`. fp32, SwiGLU experts, "
+             f"Command: `python -m benchmarks.layers{' --quick' if args.quick else ''}`. fp32, SwiGLU experts, "
              f"{NUM_EXPERTS} experts, top-{TOP_K}. Times in ms: median (min–max) over the timed rounds; ratios: median "
              "(min–max) of the per-round ratios, all cases interleaved round-robin in one process.", ""]
     for label, res in results.items():

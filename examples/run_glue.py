@@ -45,7 +45,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peft", choices=["lora"])
     p.add_argument("--no-telemetry", action="store_true")
-    p.add_argument("--save-model", action="store_true")
+    p.add_argument("--save-model", action="store_true", help="save the trained model and tokenizer in --output-dir")
     p.add_argument("--checksum-file", help="write this rank's parameter sha256 to FILE.rank<RANK>")
     args = p.parse_args(argv)
     family_options = {}

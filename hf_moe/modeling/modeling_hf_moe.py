@@ -138,6 +138,19 @@ class MoePreTrainedModel(PreTrainedModel):
         self.post_init()
 
     @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Whether `Trainer` passes `num_items_in_batch` and then skips its own averaging over accumulation steps and
+        processes. True for the causal-LM heads only, whose backbone losses divide their summed token loss by it.
+        Every other backbone head ignores it and returns its micro-batch mean, which Trainer must then average (read
+        from our `**kwargs` forward, Trainer would scale those gradients by accumulation steps x processes)."""
+        return self.auto_class is AutoModelForCausalLM
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        # PEFT (0.21) still reads this alias, which transformers 5 deprecated with a FutureWarning on every LoRA wrap
+        return self.is_activation_checkpointing
+
+    @property
     def backbone(self) -> PreTrainedModel:
         """The transformers model (any head) whose FFNs were replaced."""
         return getattr(self.model, self.backbone_prefix) if self.backbone_prefix else self.model
@@ -249,7 +262,7 @@ class MoePreTrainedModel(PreTrainedModel):
         if layer_outputs:
             output.aux_loss = sum(o.aux_loss for o in layer_outputs)
             if getattr(output, "loss", None) is not None:
-                output.loss = output.loss + self.router_loss(layer_outputs, output.aux_loss)
+                output.loss = output.loss + self.router_loss(layer_outputs, output.aux_loss, labels, **kwargs)
             if output_router_logits if output_router_logits is not None else self.config.output_router_logits:
                 output.router_logits = tuple(o.router_logits for o in layer_outputs)
         return output if return_dict is not False else output.to_tuple()
@@ -277,8 +290,14 @@ class MoePreTrainedModel(PreTrainedModel):
         else:
             active = f"{total - experts * (1 - top_k / num_experts):,.0f}"
         blocks = self.moe_blocks()
-        moe_layers = [block.moe.layer_idx for block in blocks if block.stack == blocks[0].stack]
-        head = type(self).__name__
+        runs = []  # the MoE layers as ranges of consecutive indices: "0-5", "1, 3, 5"
+        for idx in sorted(block.moe.layer_idx for block in blocks if block.stack == blocks[0].stack):
+            if runs and idx == runs[-1][1] + 1:
+                runs[-1][1] = idx
+            else:
+                runs.append([idx, idx])
+        moe_layers = ", ".join(f"{first}-{last}" if last > first else f"{first}" for first, last in runs)
+        head, auto_class = type(self).__name__, self.auto_class.__name__
         card = f"""---
 library_name: transformers
 tags:
@@ -298,25 +317,46 @@ A `{config.model_type}` mixture-of-experts model (`{head}`) over a `{text_config
 
 ## How to load
 
-```python
-from transformers import {self.auto_class.__name__}
-import transformers, hf_moe  # hf_moe registers the family; without it installed, pass trust_remote_code=True
+With hf-moe installed (`pip install hf-moe`), importing it registers the family with transformers:
 
-model = {self.auto_class.__name__}.from_pretrained("<this repository or folder>")
+```python
+import hf_moe
+from transformers import {auto_class}
+
+model = {auto_class}.from_pretrained("<this repository or folder>")
+```
+
+Without hf-moe, the modeling code saved with this model is used:
+
+```python
+from transformers import {auto_class}
+
+model = {auto_class}.from_pretrained("<this repository or folder>", trust_remote_code=True)
 ```
 """
         card += f"\n{extra}" if extra else ""
         with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as f:
             f.write(card)
 
-    def router_loss(self, layer_outputs, aux_loss):
-        """router_aux_loss_coef * aux_loss + z-loss and (top-p) entropy terms, each summed over MoE layers."""
+    def router_loss(self, layer_outputs, aux_loss, labels=None, num_items_in_batch=None, shift_labels=None, **kwargs):
+        """router_aux_loss_coef * aux_loss + z-loss and (top-p) entropy terms, each summed over MoE layers.
+
+        When `Trainer` passes `num_items_in_batch` (causal-LM heads, see `accepts_loss_kwargs`), the task loss is
+        this micro-batch's token sum over the step's predicted tokens (all micro-batches and processes), and Trainer
+        neither averages the micro-batches nor the processes. The router term is then weighted by this micro-batch's
+        share of those tokens, counted as Trainer counts them, so the weights of a step sum to one: the configured
+        weight holds at any accumulation and process count, and equals the plain mean over micro-batches when they
+        predict equally many tokens. (Trainer tells the model nothing else, so a plain mean over micro-batches of
+        unequal token counts cannot be formed here.)"""
         config = self.config
         loss = config.router_aux_loss_coef * aux_loss
         if config.router_z_loss_coef:
             loss = loss + config.router_z_loss_coef * sum(o.z_loss for o in layer_outputs)
         if getattr(config, "router_entropy_loss_coef", 0):
             loss = loss + config.router_entropy_loss_coef * sum(o.entropy_loss for o in layer_outputs)
+        if num_items_in_batch is not None and self.accepts_loss_kwargs:
+            predicted = shift_labels if shift_labels is not None else labels[..., 1:]
+            loss = loss * predicted.ne(-100).sum() / num_items_in_batch
         return loss
 
 

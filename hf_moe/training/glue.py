@@ -85,11 +85,36 @@ def _load_dense(model_name_or_path, task, tokenizer, dtype=torch.float32):
     if getattr(config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         config.pad_token_id = tokenizer.pad_token_id  # decoder backbones: pool the last non-pad token
     if task.problem_type == MULTIPLE_CHOICE:
-        return AutoModelForMultipleChoice.from_pretrained(model_name_or_path, config=config, dtype=dtype)
+        return _load_with_new_head(AutoModelForMultipleChoice, model_name_or_path, config=config, dtype=dtype)
     config.num_labels = task.num_labels
     config.id2label, config.label2id = task.id2label, task.label2id
     config.problem_type = "regression" if task.problem_type == REGRESSION else "single_label_classification"
-    return AutoModelForSequenceClassification.from_pretrained(model_name_or_path, config=config, dtype=dtype)
+    return _load_with_new_head(AutoModelForSequenceClassification, model_name_or_path, config=config, dtype=dtype)
+
+
+def _load_with_new_head(auto_class, model_name_or_path, **kwargs):
+    """`auto_class.from_pretrained` without transformers' load report when all it lists is the task head (new,
+    hence missing from a dense checkpoint) or the checkpoint's own head (unused): every other missing, unexpected or
+    mismatched weight is still reported."""
+    modeling_logger, held = logging.getLogger("transformers.modeling_utils"), []
+
+    def hold_report(record):
+        if "LOAD REPORT" in record.getMessage():
+            held.append(record)
+            return False
+        return True
+
+    modeling_logger.addFilter(hold_report)
+    try:
+        model, info = auto_class.from_pretrained(model_name_or_path, output_loading_info=True, **kwargs)
+    finally:
+        modeling_logger.removeFilter(hold_report)
+    in_backbone = [key for key in (*info["missing_keys"], *info["unexpected_keys"])
+                   if key.startswith(f"{model.base_model_prefix}.")]
+    if in_backbone or info["mismatched_keys"]:
+        for record in held:
+            modeling_logger.handle(record)
+    return model
 
 
 def _subset(dataset, n, seed=None):
@@ -236,7 +261,8 @@ def finetune(
     epochs or max_steps (> 0 wins); peft="lora": LoRA adapters (`apply_lora`), routers and head trained in full.
     telemetry: `RouterTelemetryCallback` for MoE models (writes router_stats.json and expert_usage.png).
     Extra keywords also accepted: `eval_batch_size`, `lora_r`, `k_schedule` (HyperRouter k_min, k_max),
-    `training_args` (dict overriding TrainingArguments fields, e.g. save_steps), `callbacks`.
+    `training_args` (dict overriding TrainingArguments fields, e.g. save_steps), `callbacks`. save_model: save the
+    trained model and its tokenizer into `output_dir` (reloads with the Auto class; a LoRA run saves its adapter).
 
     Returns a dict: the task's metric keys (e.g. "accuracy"), "main_metric", "eval_loss", "train_time_s",
     "eval_time_s", "train_loss", "global_step", "total_params", "expert_params", "active_params" (dynamic top-p:
@@ -276,5 +302,5 @@ def finetune(
     if checksum:
         result["param_sha256"] = parameter_checksum(trainer.model)
     if save_model:
-        trainer.save_model(output_dir)
+        trainer.save_model()  # into output_dir; the main process writes under DDP
     return result

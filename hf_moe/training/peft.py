@@ -1,5 +1,5 @@
 """LoRA for hf-moe models with PEFT: adapters on attention and on the fused experts (`target_parameters`), routers,
-hypernetworks and the task head fully trainable (transformers-v5.md §6)."""
+HyperMoE's hypernetworks and the task head fully trainable (transformers-v5.md §6)."""
 
 from peft import LoraConfig, get_peft_model
 
@@ -42,9 +42,5 @@ def moe_lora_config(model: MoePreTrainedModel, r: int = 8, lora_alpha: int = 16,
 
 
 def apply_lora(model: MoePreTrainedModel, **lora_kwargs):
-    """`get_peft_model` with `moe_lora_config`, keeping HyperRouter's hypernetwork frozen."""
-    peft_model = get_peft_model(model, moe_lora_config(model, **lora_kwargs))
-    for name, param in peft_model.named_parameters():
-        if ".hypernet." in name:
-            param.requires_grad_(False)  # frozen by design, also in the trainable copy modules_to_save makes
-    return peft_model
+    """`get_peft_model` with `moe_lora_config` (HyperRouter's hypernetwork is held in buffers: never trainable)."""
+    return get_peft_model(model, moe_lora_config(model, **lora_kwargs))

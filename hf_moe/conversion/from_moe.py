@@ -59,10 +59,7 @@ p_max (no renormalisation): hf-moe top-k with k = 1 and `norm_topk_prob=False`, 
 """
 
 import copy
-import json
 import logging
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -77,14 +74,17 @@ from ..modeling import (
     MoeFeedForward,
     get_adapter,
 )
-from .upcycle import (
-    UpcycleOptions,
-    _copy_tokenizer_and_generation_config,
-    _move_into_place,
-    build_moe_config,
-    finish_new_module,
-    head_of,
+from .output import (
+    carried_files_line,
+    carry_source_files,
+    refuse_existing,
+    refuse_overlap,
+    sigterm_as_interrupt,
+    source_name,
+    staged_output,
+    write_conversion_card,
 )
+from .upcycle import UpcycleOptions, build_moe_config, finish_new_module, head_of
 
 logger = logging.getLogger(__name__)
 
@@ -455,6 +455,7 @@ def _copy(param, tensor, what):
 # checkpoint folders
 
 
+@sigterm_as_interrupt()
 def convert_moe(
     source: str,
     output_dir: str,
@@ -471,15 +472,17 @@ def convert_moe(
 
     The source is loaded with the transformers auto class of its architecture, in `dtype` ("auto": the checkpoint's;
     torch.float32 to convert on CPU in full precision), converted with `convert_moe_model` and saved to a temporary
-    folder next to the target, with the source's tokenizer and generation config, then renamed into place. An
-    existing target is refused unless `overwrite`.
+    folder next to the target, with every non-weight file of the source, then renamed into place. An existing target
+    is refused unless `overwrite`, and so is a target that is, contains or lies inside the source. Ctrl-C or SIGTERM
+    raise KeyboardInterrupt once the partial output is removed; a full disk or a read-only target raise an OSError
+    naming the target.
     """
     from .sources import resolve_source
 
-    target = Path(output_dir).resolve()
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it.")
+    target = Path(output_dir).expanduser().resolve()
+    refuse_existing(target, overwrite)
     folder = resolve_source(str(source), revision=revision)
+    refuse_overlap(folder, target)
     source_config = AutoConfig.from_pretrained(folder)
     check_supported(getattr(source_config, "model_type", None), family)  # before loading any weight
     head = _source_head(source_config, None)
@@ -487,30 +490,28 @@ def convert_moe(
     moe, note = _convert(source_model, family, zero_hyper_expert, family_options)
     del source_model
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+    with staged_output(target) as staging:
+        carried = carry_source_files(folder, staging)
         moe.save_pretrained(staging)
-        moe.write_model_card(staging, extra=_card_section(source, source_config, family, family_options, note))
-        _copy_tokenizer_and_generation_config(folder, staging, None)
-        _move_into_place(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        section = _card_section(source_name(source), source_config, family, family_options, note, carried)
+        write_conversion_card(moe, staging, source, folder, section)
     return target
 
 
-def _card_section(source, source_config, family, family_options, note) -> str:
+def _card_section(source, source_config, family, family_options, note, carried) -> str:
     architecture = (source_config.architectures or [source_config.model_type])[0]
-    options = json.dumps(family_options, default=str) if family_options else "none"
+    options = [f"- `{name}`: {value}" for name, value in family_options.items()] or ["- none"]
     lines = [
         "## Conversion",
         "",
         f"Converted by `hf_moe.conversion.convert_moe` from the `{architecture}` checkpoint `{source}` into "
-        f"`{family}`, reusing its router and expert weights. Family options: `{options}`.",
+        f"`{family}`, reusing its router and expert weights. Family options:",
+        "",
+        *options,
         "",
         f"Same function as the source (float32, eval, no capacity drops): {'no — ' + note if note else 'yes'}.",
+        "",
+        carried_files_line(carried),
     ]
     return "\n".join(lines) + "\n"
 

@@ -7,7 +7,7 @@ transformers' `save_pretrained`).
 
 import json
 import struct
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -29,6 +29,21 @@ _DTYPE_NAMES = {
 }
 
 
+def inside_folder(folder: Path, name: str) -> Path:
+    """`folder / name`, refusing a name that leads out of the folder (`..`, an absolute path, a symlink out of it), so
+    that a checkpoint cannot make a conversion read, and copy into its output, any other file. The one way out allowed
+    is a symlink into huggingface_hub's blob store (`models--<org>--<name>/blobs/`), as in the Hub cache's snapshots
+    and older `--local-dir` downloads: only Hub content lies there, and Hub repositories cannot hold symlinks."""
+    folder = Path(folder).resolve()
+    resolved = (folder / name).resolve()
+    hub_blob = resolved.parent.name == "blobs" and resolved.parent.parent.name.startswith("models--")
+    escapes = PurePath(name).is_absolute() or ".." in PurePath(name).parts
+    if escapes or not (resolved.is_relative_to(folder) or hub_blob):
+        raise ValueError(f"{name!r} lies outside the source folder {folder} (it resolves to {resolved}); hf-moe only "
+                         "reads files inside the source folder.")
+    return folder / name
+
+
 class SafetensorsSource:
     """The tensors of a checkpoint folder (`model.safetensors` or a sharded index), read one at a time."""
 
@@ -37,6 +52,8 @@ class SafetensorsSource:
         index = self.folder / SAFE_WEIGHTS_INDEX_NAME
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
+            for filename in set(weight_map.values()):
+                inside_folder(self.folder, filename)
         elif (self.folder / SAFE_WEIGHTS_NAME).exists():
             weight_map = dict.fromkeys(self._open(SAFE_WEIGHTS_NAME).keys(), SAFE_WEIGHTS_NAME)
         else:
@@ -60,13 +77,21 @@ class SafetensorsSource:
         return self.weight_map.keys()
 
     def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._handle(name).get_tensor(name)
+        except (SafetensorError, OSError) as error:
+            path = self.folder / self.weight_map[name]
+            raise ValueError(f"Tensor {name!r} in {path} cannot be read ({error}).") from error
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, from the shard's header (nothing is read)."""
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def _handle(self, name: str):
         filename = self.weight_map[name]
         if filename not in self._handles:
             self._handles = {filename: self._open(filename)}  # keep one shard open: bounded memory
-        try:
-            return self._handles[filename].get_tensor(name)
-        except (SafetensorError, OSError) as error:
-            raise ValueError(f"Tensor {name!r} in {self.folder / filename} cannot be read ({error}).") from error
+        return self._handles[filename]
 
 
 def plan_shards(specs: dict, max_shard_bytes: int) -> list[list[str]]:

@@ -10,8 +10,6 @@ the model size. Both build the same expert tensors from the same seed.
 import copy
 import json
 import logging
-import shutil
-import uuid
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +28,16 @@ from ..modeling import (
     MoeFeedForward,
     Router,
     get_adapter,
+)
+from .output import (
+    carried_files_line,
+    carry_source_files,
+    refuse_existing,
+    refuse_overlap,
+    sigterm_as_interrupt,
+    source_name,
+    staged_output,
+    write_conversion_card,
 )
 from .safetensors_io import SafetensorsSource, write_sharded
 
@@ -212,6 +220,7 @@ def upcycle_model(
 # streaming
 
 
+@sigterm_as_interrupt()
 def upcycle(
     source: str,
     output_dir: str,
@@ -226,44 +235,47 @@ def upcycle(
     max_shard_size: int = 2 * 1024**3,
     revision: str | None = None,
     gguf_file: str | None = None,
-    progress: bool = True,
+    progress=True,
     **family_options,
 ) -> Path:
     """Upcycle a dense checkpoint (local folder or Hub id; `gguf_file` for GGUF through transformers' loader) into
     an MoE checkpoint folder at `output_dir` that loads with `from_pretrained`. Returns the output path.
 
     The output is written to a temporary folder next to the target and renamed into place only when complete; an
-    existing target is refused unless `overwrite`. With `verify`, source and result are run on sample inputs and the
-    gap (max |delta|, relative error, KL for logits) is logged and written to `verification.json`.
+    existing target is refused unless `overwrite`, and so is a target that is, contains or lies inside the source.
+    Every non-weight file of the source (tokenizer, sentence-transformers modules, licenses, ...) is carried over.
+    With `verify`, source and result are run on sample inputs and the gap of every output (max |delta|, relative
+    error, KL for logits) is logged, written to `verification.json` and shown in the model card. `progress`: True for
+    a tqdm bar, False for none, or your own tqdm-like object (`reset(total=...)` and `update(n)`, in bytes).
+
+    Ctrl-C or SIGTERM raise KeyboardInterrupt once the partial output is removed; a full disk or a read-only target
+    raise an OSError naming the target.
     """
     from .sources import resolve_source
 
-    target = Path(output_dir).resolve()
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it.")
-    folder = resolve_source(source, revision=revision, gguf_file=gguf_file)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+    target = Path(output_dir).expanduser().resolve()
+    refuse_existing(target, overwrite)
+    folder = resolve_source(str(source), revision=revision, gguf_file=gguf_file)
+    refuse_overlap(folder, target)
+    with staged_output(target) as staging:
+        carried = carry_source_files(folder, staging)
         if gguf_file is not None:
-            _upcycle_gguf(folder, gguf_file, staging, family, num_experts, num_experts_per_tok, moe_layers, options,
-                          family_options)
+            moe = _upcycle_gguf(folder, gguf_file, staging, family, num_experts, num_experts_per_tok, moe_layers,
+                                options, family_options)
         else:
-            _upcycle_streaming(folder, staging, family, num_experts, num_experts_per_tok, moe_layers, options,
-                               max_shard_size, progress, family_options)
-        _copy_tokenizer_and_generation_config(folder, staging, gguf_file)
-        if verify:
-            _verify(folder, staging, gguf_file)
-        _move_into_place(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+            moe = _upcycle_streaming(folder, staging, family, num_experts, num_experts_per_tok, moe_layers, options,
+                                     max_shard_size, progress, family_options)
+        note = function_preservation_note(moe.config, options)
+        report = _verify(folder, staging, gguf_file) if verify else None
+        section = _conversion_card_section(source_name(source), gguf_file, moe.config, options, family_options, note,
+                                           carried, report)
+        write_conversion_card(moe, staging, source, folder, section)
     return target
 
 
 def _upcycle_streaming(folder, staging, family, num_experts, top_k, moe_layers, options, max_shard_size, progress,
                        family_options):
+    """Write the MoE checkpoint's weights, config and modeling code into `staging`; returns the (meta) MoE model."""
     dense_config = AutoConfig.from_pretrained(folder)
     config = build_moe_config(dense_config, family, num_experts, top_k, moe_layers, **family_options)
     head = head_of(dense_config)
@@ -273,19 +285,21 @@ def _upcycle_streaming(folder, staging, family, num_experts, top_k, moe_layers, 
     source = SafetensorsSource(folder)
     plan = StreamingPlan(source, dense, moe, options)
     total = sum(plan.nbytes(name) for name in plan.specs)
-    bar = _progress_bar(total, progress)
-    try:
-        write_sharded(staging, plan.specs, plan.produce, max_shard_size, bar)
-    finally:
-        if bar is not None:
-            bar.close()
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        with tqdm(total=total, unit="B", unit_scale=True, desc="upcycling") as bar:
+            write_sharded(staging, plan.specs, plan.produce, max_shard_size, bar)
+    else:
+        if progress:
+            progress.reset(total=total)
+        write_sharded(staging, plan.specs, plan.produce, max_shard_size, progress or None)
     config.architectures = [type(moe).__name__]
     custom_object_save(moe, staging, config=config)  # modeling files + auto_map, as save_pretrained does
     config.save_pretrained(staging)
-    note = function_preservation_note(config, options)
-    moe.write_model_card(staging, extra=_conversion_card_section(folder, family, num_experts, top_k, options, note))
-    if note:
+    if note := function_preservation_note(config, options):
         logger.warning("Not function-preserving at step 0: %s. Run with verify to measure the gap.", note)
+    return moe
 
 
 class StreamingPlan:
@@ -296,8 +310,12 @@ class StreamingPlan:
         self.source, self.dense, self.moe, self.options = source, dense, moe, options
         self.dtype = _checkpoint_dtype(source, moe.config)
         prefix = "model." if moe.backbone_prefix is None else f"model.{moe.backbone_prefix}."
-        dense_keys = set(dense.state_dict())
-        self.copied = {prefix + key: key for key in source.keys() if key in dense_keys}
+        dense_shapes = {key: tuple(tensor.shape) for key, tensor in dense.state_dict().items()}
+        for key in source.keys():
+            if key in dense_shapes and source.shape(key) != dense_shapes[key]:
+                raise ValueError(f"Tensor {key!r} has shape {source.shape(key)} in the source, but its config implies "
+                                 f"{dense_shapes[key]}: the checkpoint does not match its config.json.")
+        self.copied = {prefix + key: key for key in source.keys() if key in dense_shapes}
         self.expert_params = {}  # output name -> (layer key, dense layer, param name)
         self.ffn_keys = {}  # layer key -> source keys of the dense FFN (what the MoE layer no longer has)
         for layer_key, dense_layer, moe_layer, block in _paired_moe_blocks(dense, moe):
@@ -358,7 +376,7 @@ class StreamingPlan:
             unit.reset_parameters()
             finish_new_module(unit, self.options)
             unit._hf_moe_materialized = True
-        return self.moe.get_parameter(name).detach().to(self.dtype)
+        return getattr(_owner(self.moe, name), name.rsplit(".", 1)[1]).detach().to(self.dtype)  # parameter or buffer
 
 
 def _init_units(moe, names):
@@ -415,28 +433,19 @@ def _checkpoint_dtype(source, config) -> torch.dtype:
     return torch.float32
 
 
-def _progress_bar(total, enabled):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, desc="upcycling")
-
-
 def _upcycle_gguf(folder, gguf_file, staging, family, num_experts, top_k, moe_layers, options, family_options):
     """GGUF goes through transformers' loader (dequantised in memory), then the in-memory conversion."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dense = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     moe = upcycle_model(dense, family, num_experts=num_experts, num_experts_per_tok=top_k, moe_layers=moe_layers,
                         options=options, **family_options)
     moe.save_pretrained(staging)
-    (staging / "README.md").unlink()
-    note = function_preservation_note(moe.config, options)
-    moe.write_model_card(staging, extra=_conversion_card_section(f"{folder}/{gguf_file}", family, num_experts, top_k, options, note))
+    AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(staging)  # the GGUF holds it
+    return moe
 
 
-def _verify(folder, staging, gguf_file):
+def _verify(folder, staging, gguf_file) -> dict:
     from transformers import AutoTokenizer
 
     from .verify import compare_outputs
@@ -452,37 +461,38 @@ def _verify(folder, staging, gguf_file):
     report = compare_outputs(source, converted, tokenizer)
     (staging / "verification.json").write_text(json.dumps(report, indent=2) + "\n")
     logger.warning("Verification against the source: %s", json.dumps(report))
+    return report
 
 
-def _copy_tokenizer_and_generation_config(folder, staging, gguf_file):
-    from transformers import AutoTokenizer, GenerationConfig
-
-    try:
-        AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(staging)
-    except (OSError, ValueError, TypeError) as error:
-        logger.warning("No tokenizer copied from %s (%s).", folder, error)
-    if (Path(folder) / "generation_config.json").exists():
-        GenerationConfig.from_pretrained(folder).save_pretrained(staging)
-
-
-def _conversion_card_section(source, family, num_experts, top_k, options, note) -> str:
+def _conversion_card_section(source, gguf_file, config, options, family_options, note, carried, report) -> str:
+    origin = f"`{gguf_file}` of `{source}`" if gguf_file else f"`{source}`"
+    settings = {"num_experts": config.num_experts, "num_experts_per_tok": config.num_experts_per_tok,
+                **family_options, **asdict(options)}
+    preserving = "no — " + note if note else "yes (every expert is the dense FFN)"
     lines = [
         "## Conversion",
         "",
-        f"Upcycled by `hf_moe.upcycle` from `{source}` into `{family}` with {num_experts} experts, "
-        f"{top_k} per token. Options: `{json.dumps(asdict(options))}`.",
+        f"Upcycled by `hf_moe.conversion.upcycle` from {origin} into `{config.model_type}`, with these options:",
         "",
-        f"Function-preserving at step 0: {'no — ' + note if note else 'yes (every expert is the dense FFN)'}.",
+        *(f"- `{name}`: {value}" for name, value in settings.items()),
+        "",
+        f"Function-preserving at step 0: {preserving}.",
+        "",
+        carried_files_line(carried),
     ]
+    if report is not None:
+        lines += [
+            "",
+            "## Verification",
+            "",
+            "Source and converted model run on the same sample inputs (`verification.json`):",
+            "",
+            "| output | max abs diff | relative error | KL(source ‖ converted) |",
+            "|---|---|---|---|",
+            *(
+                f"| {name} | {f['max_abs_diff']:.2e} | {f['relative_error']:.2e} | "
+                f"{format(f['kl'], '.2e') if 'kl' in f else '—'} |"
+                for name, f in report["outputs"].items()
+            ),
+        ]
     return "\n".join(lines) + "\n"
-
-
-def _move_into_place(staging: Path, target: Path):
-    """Rename the finished folder into place; an existing target (overwrite) is moved aside first, then removed."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        target.rename(old)
-    staging.rename(target)
-    if old is not None:
-        shutil.rmtree(old)

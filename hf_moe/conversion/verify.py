@@ -12,27 +12,31 @@ SAMPLE_TEXTS = [
 
 @torch.no_grad()
 def compare_outputs(source_model, converted_model, tokenizer=None, seed: int = 0) -> dict:
-    """Max |delta| and relative error of the main output (logits, else last hidden state), and, for logits, the mean
-    KL(source || converted) over real tokens."""
-    inputs = _sample_inputs(source_model.config.get_text_config(), tokenizer, seed)
-    outputs = [model.eval()(**inputs) for model in (source_model, converted_model)]
-    key = "logits" if "logits" in outputs[0] else "last_hidden_state"
-    reference, converted = (output[key].float() for output in outputs)
-    report = {
-        "output": key,
-        "max_abs_diff": (converted - reference).abs().max().item(),
-        "relative_error": ((converted - reference).norm() / reference.norm()).item(),
-    }
-    if key == "logits":
-        mask = inputs["attention_mask"].bool()
-        kl = torch.nn.functional.kl_div(
-            converted.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="none"
-        ).sum(-1)
-        report["kl"] = kl[mask].mean().item() if kl.shape == mask.shape else kl.mean().item()
-    return report
+    """For every floating output of the source's head (logits, start/end logits, hidden states, ...): max |delta| and
+    relative error of the converted model's, and, for logits, the mean KL(source || converted) over real tokens."""
+    inputs = _sample_inputs(source_model, tokenizer, seed)
+    source, converted = (model.eval()(**inputs) for model in (source_model, converted_model))
+    report = {}
+    for name, value in source.items():
+        if not (torch.is_tensor(value) and value.is_floating_point()):
+            continue  # caches, tuples of per-layer states (not requested)
+        reference, result = value.float(), converted[name].float()
+        figures = {
+            "max_abs_diff": (result - reference).abs().max().item(),
+            "relative_error": ((result - reference).norm() / reference.norm()).item(),
+        }
+        if name.endswith("logits") and reference.shape[-1] > 1:  # a distribution (not regression, one label)
+            kl = torch.nn.functional.kl_div(
+                result.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="none"
+            ).sum(-1)
+            mask = inputs["attention_mask"].bool()
+            figures["kl"] = kl[mask].mean().item() if kl.shape == mask.shape else kl.mean().item()
+        report[name] = figures
+    return {"outputs": report}
 
 
-def _sample_inputs(text_config, tokenizer, seed):
+def _sample_inputs(model, tokenizer, seed):
+    text_config = model.config.get_text_config()
     if tokenizer is not None:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -44,4 +48,6 @@ def _sample_inputs(text_config, tokenizer, seed):
     inputs.pop("token_type_ids", None)
     if text_config.is_encoder_decoder:
         inputs["decoder_input_ids"] = inputs["input_ids"]
+    if type(model).__name__.endswith("ForMultipleChoice"):  # [batch, choices, length]: two questions of two choices
+        inputs = {name: value.view(2, len(SAMPLE_TEXTS) // 2, -1) for name, value in inputs.items()}
     return inputs

@@ -171,7 +171,7 @@ def test_quickstart_prints_a_row_per_model(tiny_bert, tmp_path, capsys):
             "--max-length", "16", "--output-dir", str(tmp_path)]
     assert quickstart.main(argv) == 0
     table = capsys.readouterr().out
-    rows = json.loads((tmp_path / "results.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [r["family"] for r in rows] == ["dense", "topk_moe", "dynamic_moe"]
     assert all(r["eval_samples"] == 872 for r in rows)  # the full SST-2 dev set
     for row in rows:

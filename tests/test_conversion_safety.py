@@ -27,34 +27,13 @@ from transformers import (
     BertModel,
     LlamaConfig,
     LlamaForCausalLM,
-    MixtralConfig,
-    MixtralForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
 )
 
-import hf_moe  # noqa: F401  (registers the families with the Auto classes)
 from hf_moe.conversion import UpcycleOptions, convert_moe, upcycle
 
-from test_upcycle import _INTERRUPTED_CONVERSION
-
-_BERT = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-
-
-def _llama(folder: Path, tie: bool = True, **save_kwargs) -> Path:
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder, **save_kwargs)
-    return folder
-
-
-def _mixtral(folder: Path, hidden: int = 32) -> Path:
-    config = MixtralConfig(vocab_size=96, hidden_size=hidden, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
-    torch.manual_seed(0)
-    MixtralForCausalLM(config).save_pretrained(folder)
-    return folder
+_BERT = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
 def _tree(folder: Path) -> dict:
@@ -66,11 +45,11 @@ def _tree(folder: Path) -> dict:
 
 
 @pytest.mark.parametrize("escape", ["parent", "absolute", "symlink"])
-def test_shard_paths_outside_the_source_are_refused(tmp_path, escape):
-    source = _llama(tmp_path / "dense", max_shard_size="40KB")
+def test_shard_paths_outside_the_source_are_refused(tmp_path, escape, llama_checkpoint):
+    source = llama_checkpoint(tmp_path / "dense", max_shard_size="40KB")
     index_path = source / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
-    shard = sorted(set(index["weight_map"].values()))[-1]
+    shard = max(index["weight_map"].values())
     outside = tmp_path / "outside.safetensors"
     shutil.move(source / shard, outside)  # a real shard, moved out of the folder
     named = {"parent": "../outside.safetensors", "absolute": str(outside), "symlink": shard}[escape]
@@ -84,10 +63,10 @@ def test_shard_paths_outside_the_source_are_refused(tmp_path, escape):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "outside.safetensors"]
 
 
-def test_shards_linked_into_a_hub_cache_are_read(tmp_path):
+def test_shards_linked_into_a_hub_cache_are_read(tmp_path, llama_checkpoint):
     """A folder whose files are symlinks into huggingface_hub's blob store (the Hub cache's snapshots, and older
     `huggingface-cli download --local-dir`) is read: only the Hub's own content lies there."""
-    source = _llama(tmp_path / "dense", max_shard_size="40KB")
+    source = llama_checkpoint(tmp_path / "dense", max_shard_size="40KB")
     blobs = tmp_path / "cache" / "models--org--tiny" / "blobs"
     blobs.mkdir(parents=True)
     for shard in source.glob("*.safetensors"):
@@ -102,8 +81,8 @@ def test_shards_linked_into_a_hub_cache_are_read(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["source", "symlink to source", "parent", "grandparent", "inside source"])
-def test_output_overlapping_the_source_is_refused(tmp_path, where):
-    source = _llama(tmp_path / "work" / "dense")
+def test_output_overlapping_the_source_is_refused(tmp_path, where, llama_checkpoint):
+    source = llama_checkpoint(tmp_path / "work" / "dense")
     (tmp_path / "alias").symlink_to(source)
     before = _tree(tmp_path / "work")
     target = {
@@ -120,8 +99,8 @@ def test_output_overlapping_the_source_is_refused(tmp_path, where):
     assert _tree(tmp_path / "work") == before
 
 
-def test_convert_moe_refuses_to_overwrite_its_source(tmp_path):
-    source = _mixtral(tmp_path / "mixtral")
+def test_convert_moe_refuses_to_overwrite_its_source(tmp_path, mixtral_checkpoint):
+    source = mixtral_checkpoint(tmp_path / "mixtral")
     before = _tree(source)
     with pytest.raises(ValueError, match="source"):
         convert_moe(source, source, "topk_moe", overwrite=True)
@@ -132,8 +111,8 @@ def test_convert_moe_refuses_to_overwrite_its_source(tmp_path):
 # item 11: tensor shapes
 
 
-def test_transposed_lm_head_is_refused_naming_both_shapes(tmp_path):
-    source = _llama(tmp_path / "dense", tie=False)
+def test_transposed_lm_head_is_refused_naming_both_shapes(tmp_path, llama_checkpoint):
+    source = llama_checkpoint(tmp_path / "dense", tie=False)
     state = load_file(source / "model.safetensors")
     assert state["lm_head.weight"].shape == (96, 32)
     state["lm_head.weight"] = state["lm_head.weight"].t().contiguous()  # same size, wrong shape
@@ -171,24 +150,26 @@ print("OK")
 """
 
 
-def test_sigterm_handler_is_scoped_to_the_conversion(tmp_path):
+def test_sigterm_handler_is_scoped_to_the_conversion(tmp_path, llama_checkpoint):
     """The caller's SIGTERM handler is back after the conversion; a conversion in another thread still works."""
-    source = _llama(tmp_path / "dense")
+    source = llama_checkpoint(tmp_path / "dense")
     result = subprocess.run(
         [sys.executable, "-c", _SCOPED_HANDLER, str(source), str(tmp_path / "a"), str(tmp_path / "b")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.stdout.split()[-1:] == ["OK"], result.stderr[-2000:]
 
 
-def test_convert_moe_removes_the_staging_folder_of_a_killed_run(tmp_path, caplog):
+def test_convert_moe_removes_the_staging_folder_of_a_killed_run(tmp_path, caplog, llama_checkpoint, mixtral_checkpoint,
+                                                              interrupted_conversion_script):
     target = tmp_path / "moe"
-    killed = subprocess.run([sys.executable, "-c", _INTERRUPTED_CONVERSION, str(_llama(tmp_path / "dense")),
-                             str(target), "SIGKILL"], capture_output=True, text=True, timeout=300)
+    source = llama_checkpoint(tmp_path / "dense")
+    killed = subprocess.run([sys.executable, "-c", interrupted_conversion_script, str(source), str(target), "SIGKILL"],
+                            capture_output=True, text=True, timeout=300, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     [leftover] = [p.name for p in tmp_path.iterdir() if p.name.startswith(".moe.")]
     with caplog.at_level("WARNING", logger="hf_moe.conversion"):
-        convert_moe(_mixtral(tmp_path / "mixtral"), target, "topk_moe")
+        convert_moe(mixtral_checkpoint(tmp_path / "mixtral"), target, "topk_moe")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "mixtral", "moe"]
     assert len([r for r in caplog.records if leftover in r.getMessage()]) == 1
 
@@ -221,24 +202,23 @@ def _run_in_private_filesystem(tmp_path, function, source, setup, size_kb=64):
     command = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script,
                sys.executable, _WRITE_INTO, function, str(source)]
     try:
-        probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True)
+        probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True, check=False)
     except FileNotFoundError:
         pytest.skip("util-linux `unshare` is not installed: no way to mount a small filesystem without root")
     if probe.returncode != 0:
         pytest.skip(f"user namespaces are disabled here ({probe.stderr.decode().strip()}): no private tmpfs")
     env = {**os.environ, "FS": str(filesystem)}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
     assert "RESULT" in result.stdout, result.stderr[-3000:]
     return json.loads(result.stdout.split("RESULT", 1)[1]), filesystem / "runs" / "moe"
 
 
 @pytest.mark.parametrize("function", ["upcycle", "convert_moe"])
-def test_disk_full_is_one_line_naming_the_path_and_leaves_nothing(tmp_path, function):
-    if function == "upcycle":  # streams its shards first: 64 kB fill up in the first one (~0.5 MB)
-        source, size_kb = _llama(tmp_path / "dense"), 64
-    else:  # `save_pretrained` writes the modeling code first: room for it, not for the weights (~0.7 MB, safetensors)
-        code = sum(p.stat().st_size for p in Path(hf_moe.modeling.__file__).parent.glob("*.py"))
-        source, size_kb = _mixtral(tmp_path / "mixtral", hidden=64), math.ceil(code / 4096) * 4 + 64
+def test_disk_full_is_one_line_naming_the_path_and_leaves_nothing(tmp_path, function, llama_checkpoint,
+                                                                  mixtral_checkpoint):
+    # both stream their shards first: 64 kB fill up in the first one (~0.5 MB)
+    source = llama_checkpoint(tmp_path / "dense") if function == "upcycle" else mixtral_checkpoint(tmp_path / "mixtral")
+    size_kb = 64
     result, target = _run_in_private_filesystem(tmp_path, function, source, "true", size_kb)
     assert result["error"] is not None, f"the conversion fit into {size_kb} kB"
     assert result["error"]["errno"] == errno.ENOSPC
@@ -247,8 +227,8 @@ def test_disk_full_is_one_line_naming_the_path_and_leaves_nothing(tmp_path, func
     assert result["left"] == []  # no staging folder, and the `runs` folder it created is gone too
 
 
-def test_read_only_target_is_one_line_naming_the_path(tmp_path):
-    source = _llama(tmp_path / "dense")
+def test_read_only_target_is_one_line_naming_the_path(tmp_path, llama_checkpoint):
+    source = llama_checkpoint(tmp_path / "dense")
     setup = 'mkdir "$FS/runs" && mount -o remount,ro "$FS"'  # the target's folder exists, on a read-only filesystem
     result, target = _run_in_private_filesystem(tmp_path, "upcycle", source, setup)
     assert result["error"]["errno"] == errno.EROFS
@@ -357,8 +337,8 @@ def test_sentence_transformers_folder_keeps_its_pooling(minilm_moe):
         assert f"`{name}`" in card
 
 
-def test_weights_of_other_formats_are_not_carried(tmp_path):
-    source = _llama(tmp_path / "dense")
+def test_weights_of_other_formats_are_not_carried(tmp_path, llama_checkpoint):
+    source = llama_checkpoint(tmp_path / "dense")
     (source / "LICENSE").write_text("license text")
     (source / "notes").mkdir()
     (source / "notes" / "eval.md").write_text("notes")
@@ -374,7 +354,7 @@ def test_weights_of_other_formats_are_not_carried(tmp_path):
 
 
 def _python_blocks(card: str) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    return re.findall(r"```python\n(.*?)```", card, flags=re.DOTALL)
 
 
 def test_model_card_of_an_upcycled_folder(minilm_moe):
@@ -386,22 +366,22 @@ def test_model_card_of_an_upcycled_folder(minilm_moe):
     assert str(source.parent) not in text and str(out.parent) not in text
     assert re.search(r"\| 0-5 \|", text)  # the MoE layers as a range
     for option in ("expert_noise_std", "reinit_fraction", "router_init", "seed"):
-        assert re.search(rf"^- `{option}`: ", text, flags=re.M), option
+        assert re.search(rf"^- `{option}`: ", text, flags=re.MULTILINE), option
     report = json.loads((out / "verification.json").read_text())["outputs"]
     assert f"{report['last_hidden_state']['relative_error']:.2e}" in text
     blocks = _python_blocks(text)
     assert len(blocks) == 2 and "import hf_moe" in blocks[0] and "trust_remote_code=True" in blocks[1]
     for block in blocks:  # each snippet loads the folder as written
         namespace = {}
-        exec(block.replace("<this repository or folder>", str(out)), namespace)
+        exec(block.replace("<this repository or folder>", str(out)), namespace)  # noqa: S102 (the card's own code)
         assert type(namespace["model"]).__name__ == "TopKMoeModel"
 
 
-def test_model_card_of_a_converted_moe_and_odd_moe_layers(tmp_path):
-    out = convert_moe(_mixtral(tmp_path / "mixtral"), tmp_path / "moe", "topk_moe", router_jitter_noise=0.01)
+def test_model_card_of_a_converted_moe_and_odd_moe_layers(tmp_path, mixtral_checkpoint):
+    out = convert_moe(mixtral_checkpoint(tmp_path / "mixtral"), tmp_path / "moe", "topk_moe", router_jitter_noise=0.01)
     text = (out / "README.md").read_text()
     assert ModelCard.load(out / "README.md").data.base_model == "mixtral"
-    assert str(tmp_path) not in text and re.search(r"^- `router_jitter_noise`: 0.01$", text, flags=re.M)
+    assert str(tmp_path) not in text and re.search(r"^- `router_jitter_noise`: 0.01$", text, flags=re.MULTILINE)
     bert = BertModel(BertConfig(**{**_BERT, "num_hidden_layers": 6}))
     bert.save_pretrained(tmp_path / "bert")
     for layers, shown in (([1, 3, 5], "1, 3, 5"), ([0, 2, 3], "0, 2-3")):

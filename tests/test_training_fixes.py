@@ -114,26 +114,26 @@ def test_run_glue_save_model_reloads_and_gives_the_evaluated_metric(tiny_bert, t
 
 def telemetry_worker(output_dir):
     """One process of a 2-process run: trains with the telemetry callback (files into rank<N>/), and saves its logs
-    and every training forward's per-layer statistics, read from the MoE blocks by hooks."""
+    and every training forward's per-layer statistics, read from the MoE layers' outputs by hooks."""
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     model = make_model("TopKMoe", "bert", "ForSequenceClassification", num_labels=2)
     blocks = [m for m in model.modules() if isinstance(m, MoeFeedForward)]
-    forwards = {block: [] for block in blocks}
+    forwards = {block.moe: [] for block in blocks}
 
     def record(block, args, output):
         if block.training:
-            o = block.layer_output
+            o = output
             stats = [o.aux_loss.view(1), o.entropy_loss.view(1), o.mean_experts_per_token.view(1), o.expert_load]
             forwards[block].append(torch.cat(stats).detach().double())
 
     for block in blocks:
-        block.register_forward_hook(record)
+        block.moe.register_forward_hook(record)
     callback = RouterTelemetryCallback(output_dir=str(output_dir / f"rank{rank}"))
     args = training_args(output_dir / "trainer", max_steps=4, per_device_train_batch_size=4, logging_steps=2)
     trainer = Trainer(model=model, args=args, train_dataset=toy_dataset(), callbacks=[callback])
     trainer.train()
-    local = torch.stack([torch.stack(forwards[block]) for block in blocks], dim=1)  # [forwards, layers, 3 + E]
+    local = torch.stack([torch.stack(forwards[block.moe]) for block in blocks], dim=1)  # [forwards, layers, 3 + E]
     logs = [log for log in trainer.state.log_history if "loss" in log]
     torch.save({"logs": logs, "local": local}, output_dir / f"rank{rank}.pt")
 

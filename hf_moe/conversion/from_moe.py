@@ -1,7 +1,8 @@
 """Conversion of existing MoE checkpoints into hf-moe families, reusing their experts and router weights.
 
-Two entry points, as for upcycling: `convert_moe_model` converts a loaded transformers MoE model in memory;
-`convert_moe` loads a checkpoint (local folder or Hub id), converts it and writes an hf-moe checkpoint folder.
+Two entry points, as for upcycling (docs/upcycling.md §5): `convert_moe_model` converts a loaded transformers MoE model
+in memory; `convert_moe` streams a checkpoint (local folder or Hub id) tensor by tensor into an hf-moe checkpoint
+folder, the source model never loaded (docs/upcycling.md §4).
 
 Supported sources and targets (only where the target family's math can take over the source's router and experts):
 
@@ -23,9 +24,9 @@ rows first) and `mlp.experts.down_proj` [E, H, I]. Routing is softmax over all e
 - Mixtral computes the router logits in the model dtype and the softmax in float32; hf-moe computes both in float32,
   so a bf16/fp16 model can pick a different expert where two probabilities tie to within the logits' rounding.
 - Mixtral's training jitter multiplies the block input in place, so router and experts see the noise; hf-moe jitters
-  the router input only (methods.md §1).
+  the router input only (docs/topk.md §6).
 - `router_aux_loss_coef` is carried over, but Mixtral pools its balance statistic over all layers, whereas hf-moe sums
-  the per-layer losses (methods.md §1): the same coefficient weighs the balance about `num_layers` times more.
+  the per-layer losses (docs/topk.md §6): the same coefficient weighs the balance about `num_layers` times more.
 - `dynamic_moe` replaces top-k by top-p (`router_top_p`, default 0.4): each token keeps the fewest experts whose
   probabilities pass p, so it is not the source model. We default it to `norm_topk_prob=True`, the source's weighting
   (weights summing to 1): a token whose top-p set is its top-k set is then computed exactly as in Mixtral.
@@ -44,7 +45,7 @@ p_max (no renormalisation): hf-moe top-k with k = 1 and `norm_topk_prob=False`, 
   padding), so it cannot reproduce Switch's drops. The conversion is exact only while no token is dropped by Switch
   (`expert_capacity >= tokens per sequence`); google/switch-base-* use 64, so longer inputs differ.
 - **Dropped tokens.** Switch 5.23 gives a dropped token a zero FFN output (residual only); transformers 4.x, and the
-  copy HyperMoE's Switch variant vendors, gave `p_max * x` (HyperMoE adds its HyperExpert on top, methods.md §2.2).
+  copy HyperMoE's Switch variant vendors, gave `p_max * x` (HyperMoE adds its HyperExpert on top, docs/hypermoe.md §6).
   hf-moe's capacity drops also give zero (plus the HyperExpert in `hypermoe`).
 - **Jitter.** `router_jitter_noise` (0.01 in Switch) is carried over and applies in training only in both. In float32,
   Switch's in-place jitter also reaches the experts' input (its `.to(float32)` returns the same tensor); hf-moe jitters
@@ -59,6 +60,7 @@ p_max (no renormalisation): hf-moe top-k with k = 1 and `norm_topk_prob=False`, 
 """
 
 import copy
+import functools
 import logging
 from pathlib import Path
 
@@ -71,20 +73,19 @@ from ..modeling import (
     HEADS,
     MODEL_CLASSES,
     HyperExpertGenerator,
-    MoeFeedForward,
     get_adapter,
 )
-from .output import (
-    carried_files_line,
-    carry_source_files,
-    refuse_existing,
-    refuse_overlap,
-    sigterm_as_interrupt,
-    source_name,
-    staged_output,
-    write_conversion_card,
+from .output import Converted, source_name, write_conversion
+from .safetensors_io import SafetensorsSource
+from .streaming import ModelCheckpoint, StreamingPlan, checkpoint_dtype
+from .structure import (
+    build_moe_config,
+    head_of,
+    initialise_new_modules,
+    module_path,
+    why_not_exact,
+    zero_hyper_expert,
 )
-from .upcycle import UpcycleOptions, build_moe_config, finish_new_module, head_of
 
 logger = logging.getLogger(__name__)
 
@@ -147,8 +148,8 @@ def check_supported(model_type: str | None, family: str):
 # sources: config translation and weight extraction
 
 
-def _mixtral_configs(config):
-    """MistralConfig of the backbone and the hf-moe fields of a Mixtral config."""
+def _mixtral_configs(config, model):
+    """MistralConfig of the backbone and the hf-moe fields of a Mixtral config (`model`: the source, on `meta`)."""
     text_config = MistralConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -184,27 +185,28 @@ def _mixtral_configs(config):
     return text_config, moe_fields
 
 
-def _mixtral_weights(model):
-    """Source state without the MoE blocks (keys as in the matching Mistral model), and per (stack, layer) the router
-    and experts in hf-moe's layout."""
+def _mixtral_weights(model, read):
+    """Where the converted model's tensors lie in the source's state dict: the backbone's keys (those of the matching
+    Mistral model, unchanged) and per (stack, layer) the router's key and the experts' keys, in hf-moe's layout."""
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    moe_paths, moe_weights = [], {}
+    moe_paths, moe_keys = [], {}
     for idx, layer in enumerate(model.base_model.layers):
         block = layer.mlp
         if not isinstance(block, MixtralSparseMoeBlock):
-            raise ValueError(f"Mixtral layer {idx} has no MixtralSparseMoeBlock `mlp` ({type(block).__name__}).")
-        moe_paths.append(_module_path(model, block))
-        moe_weights["decoder", idx] = {
-            "router": block.gate.weight,
-            "experts": {"gate_up_proj": block.experts.gate_up_proj, "down_proj": block.experts.down_proj},
+            raise TypeError(f"Mixtral layer {idx} has no MixtralSparseMoeBlock `mlp` ({type(block).__name__}).")
+        path = module_path(model, block)
+        moe_paths.append(path)
+        moe_keys["decoder", idx] = {
+            "router": [f"{path}.gate.weight"],
+            "experts": {name: [f"{path}.experts.{name}"] for name in ("gate_up_proj", "down_proj")},
         }
-    return _state_without(model, moe_paths), moe_weights
+    return {key: key for key in _keys_without(model, moe_paths)}, moe_keys
 
 
-def _switch_configs(config):
-    """T5Config of the backbone and the hf-moe fields of a SwitchTransformers config (moe_layers come from the
-    model's blocks, see `_switch_moe_layers`)."""
+def _switch_configs(config, model):
+    """T5Config of the backbone and the hf-moe fields of a SwitchTransformers config (`model`: the source, on `meta`;
+    its sparse blocks give `moe_layers`, see `_switch_moe_layers`)."""
     if config.router_bias:
         raise ValueError("SwitchTransformers with router_bias=True is not supported: hf-moe routers have no bias.")
     if "-" in config.dense_act_fn:
@@ -243,6 +245,7 @@ def _switch_configs(config):
         "router_z_loss_coef": config.router_z_loss_coef,
         "router_jitter_noise": config.router_jitter_noise,
         "expert_capacity_factor": None,  # dropless; see the module docstring
+        **_switch_moe_layers(model),
     }
     return text_config, moe_fields
 
@@ -274,50 +277,46 @@ def _switch_moe_layers(model) -> dict:
     )
 
 
-def _switch_weights(model):
-    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
+def _switch_weights(model, read):
+    """As `_mixtral_weights`; the experts of a sparse block are stacked from its `expert_{e}` modules, and the dense
+    blocks' `mlp` is T5's `DenseReluDense`."""
+    from transformers.models.switch_transformers.modeling_switch_transformers import (
+        SwitchTransformersSparseMLP,
+    )
 
-    if not model.config.tie_word_embeddings:
-        lm_head = getattr(model, "lm_head", None)
-        if lm_head is not None and not torch.equal(lm_head.weight, model.shared.weight):
-            raise ValueError(
-                "This SwitchTransformers model has an untied lm_head (tie_word_embeddings=False); transformers' T5 "
-                "always ties lm_head to the shared embedding, so it cannot be converted."
-            )
-    moe_paths, renames, moe_weights = [], {}, {}
+    untied = not model.config.tie_word_embeddings and "lm_head.weight" in read
+    if untied and not torch.equal(read.get("lm_head.weight"), read.get("shared.weight")):
+        raise ValueError(
+            "This SwitchTransformers model has an untied lm_head (tie_word_embeddings=False); transformers' T5 "
+            "always ties lm_head to the shared embedding, so it cannot be converted."
+        )
+    moe_paths, renames, moe_keys = [], {}, {}
     for stack, blocks in _switch_stacks(model).items():
         for idx, block in enumerate(blocks):
             ff = block.layer[-1]
-            ff_path = _module_path(model, ff)
+            path = f"{module_path(model, ff)}.mlp"
             if isinstance(ff.mlp, SwitchTransformersSparseMLP):
-                moe_paths.append(f"{ff_path}.mlp")
-                experts = [ff.mlp.experts[f"expert_{e}"] for e in range(ff.mlp.router.num_experts)]
-                moe_weights[stack, idx] = {
-                    "router": ff.mlp.router.classifier.weight,
-                    "experts": {
-                        "up_proj": torch.stack([expert.wi.weight for expert in experts]),  # [E, d_ff, d]
-                        "down_proj": torch.stack([expert.wo.weight for expert in experts]),  # [E, d, d_ff]
+                moe_paths.append(path)
+                experts = range(ff.mlp.router.num_experts)
+                moe_keys[stack, idx] = {
+                    "router": [f"{path}.router.classifier.weight"],
+                    "experts": {  # [E, d_ff, d] and [E, d, d_ff], one expert at a time
+                        "up_proj": [f"{path}.experts.expert_{e}.wi.weight" for e in experts],
+                        "down_proj": [f"{path}.experts.expert_{e}.wo.weight" for e in experts],
                     },
                 }
             else:
-                renames[f"{ff_path}.mlp."] = f"{ff_path}.DenseReluDense."
-    state = {}
-    for key, tensor in _state_without(model, moe_paths).items():
+                renames[f"{path}."] = f"{module_path(model, ff)}.DenseReluDense."
+    backbone_keys = {}
+    for key in _keys_without(model, moe_paths):
         prefix = next((p for p in renames if key.startswith(p)), None)
-        state[renames[prefix] + key[len(prefix) :] if prefix else key] = tensor
-    return state, moe_weights
+        backbone_keys[renames[prefix] + key[len(prefix) :] if prefix else key] = key
+    return backbone_keys, moe_keys
 
 
-def _state_without(model, module_paths) -> dict:
+def _keys_without(model, module_paths) -> list[str]:
     prefixes = tuple(f"{path}." for path in module_paths)
-    return {key: tensor for key, tensor in model.state_dict().items() if not key.startswith(prefixes)}
-
-
-def _module_path(root, module) -> str:
-    for path, candidate in root.named_modules():
-        if candidate is module:
-            return path
-    raise KeyError(module)
+    return [key for key in model.state_dict() if not key.startswith(prefixes)]
 
 
 _SOURCES = {
@@ -333,8 +332,7 @@ def _source_head(config, architecture: str | None) -> str:
     if architecture is None:
         return _DEFAULT_HEADS[config.model_type]
     head = head_of(config, architecture)
-    found = HEADS[head]._model_mapping.get(type(config), None)
-    if found is None or found.__name__ != architecture:
+    if head is None:
         heads = [cls.__name__ for auto in HEADS.values() if (cls := auto._model_mapping.get(type(config), None))]
         raise ValueError(
             f"{architecture} has no hf-moe head; convertible {config.model_type} classes: {', '.join(heads)}."
@@ -343,119 +341,130 @@ def _source_head(config, architecture: str | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# in memory
+# the mapping, shared by the in-memory and the streaming conversion
 
 
-def conversion_note(source_fields: dict, config, zero_hyper_expert: bool) -> str | None:
-    """Why the converted model will not reproduce the source (float32, eval mode, nothing dropped), or None."""
-    reasons = []
-    source_k, top_k = source_fields["num_experts_per_tok"], config.num_experts_per_tok
-    if config.model_type == "dynamic_moe":
-        reasons.append(
-            f"top-p routing (router_top_p={config.router_top_p}) replaces the source's top-{source_k}, so tokens "
-            "whose top-p set differs from their top-k set are computed differently"
-        )
-    else:
-        if top_k != source_k:
-            reasons.append(f"num_experts_per_tok changed from {source_k} to {top_k}")
-        if config.normalize_topk(top_k) != source_fields["norm_topk_prob"]:
-            reasons.append(f"norm_topk_prob differs from the source's ({source_fields['norm_topk_prob']})")
-    if config.model_type == "hypermoe" and not zero_hyper_expert:
-        reasons.append("the HyperExpert starts at its tiny official init, not at 0 (zero_hyper_expert=True removes it)")
-    if config.expert_capacity_factor is not None:
-        reasons.append("hf-moe's capacity rule (expert_capacity_factor) drops different tokens than the source's")
-    return "; ".join(reasons) or None
-
-
-def convert_moe_model(source_model: PreTrainedModel, family: str, *, zero_hyper_expert: bool = True, **family_options):
-    """A loaded transformers MoE model (Mixtral, SwitchTransformers) -> the same model as an hf-moe `family` model
-    (a model type: "topk_moe", "hypermoe", "dynamic_moe"), with the source's router and expert weights.
-
-    `zero_hyper_expert` zeroes HyperMoE's generator heads, so its HyperExpert adds exactly 0 until trained.
-    `family_options` set routing fields of the family config (e.g. `router_top_p`, `num_experts_per_tok`,
-    `expert_capacity_factor`); fields that fix the structure (`num_experts`, `moe_layers`, ...) come from the source.
-    Raises ValueError for unsupported sources or families; logs a warning when the result is not the source's function
-    (see `conversion_note` and the module docstring).
-    """
-    return _convert(source_model, family, zero_hyper_expert, family_options)[0]
-
-
-@torch.no_grad()
-def _convert(source_model, family, zero_hyper_expert, family_options):
-    """`convert_moe_model`, also returning the `conversion_note`."""
+def _moe_config(source_model, family: str, family_options: dict):
+    """The family config of the converted model, and the source's own MoE fields."""
     source_config = source_model.config
-    model_type = getattr(source_config, "model_type", None)
-    check_supported(model_type, family)
+    check_supported(getattr(source_config, "model_type", None), family)
     fixed = sorted(set(family_options) & set(_STRUCTURAL_OPTIONS))
     if fixed:
         raise ValueError(f"{', '.join(fixed)} come(s) from the source model and cannot be set when converting it.")
-    make_configs, read_weights = _SOURCES[model_type]
-    text_config, source_fields = make_configs(source_config)
-    if model_type == "switch_transformers":
-        source_fields.update(_switch_moe_layers(source_model))
+    text_config, source_fields = _SOURCES[source_config.model_type][0](source_config, source_model)
     fields = dict(source_fields)
     if family == "dynamic_moe":
         fields["norm_topk_prob"] = True  # the source's weights sum to 1 (module docstring)
     fields.update(family_options)
     structure = (fields.pop("num_experts"), fields.pop("num_experts_per_tok"), fields.pop("moe_layers"))
-    config = build_moe_config(text_config, family, *structure, **fields)
+    return build_moe_config(text_config, family, *structure, **fields), source_fields
 
-    head = _source_head(source_config, type(source_model).__name__)
-    model_class = MODEL_CLASSES[FAMILY_BY_MODEL_TYPE[family], head]
-    with torch.random.fork_rng(devices=[]):  # new HyperMoE parameters: deterministic, global RNG untouched
-        torch.manual_seed(0)
-        moe = model_class(config)
-    moe.to(source_model.dtype)
 
-    backbone_state, moe_weights = read_weights(source_model)
-    result = moe.backbone.load_state_dict(backbone_state, strict=False)
-    block_paths = tuple(f"{_module_path(moe.backbone, b)}." for b in moe.moe_blocks())
-    missing = [key for key in result.missing_keys if not key.startswith(block_paths)]
-    if result.unexpected_keys or missing:
+def _origins(source_model, moe, read) -> dict:
+    """Output name -> function yielding its tensor (or its experts one at a time) from `read`, a reader of the source
+    model's state dict (`keys()`, `get(key)`): the loaded model's own, or a checkpoint read tensor by tensor."""
+    backbone_keys, moe_keys = _SOURCES[source_model.config.model_type][1](source_model, read)
+    backbone = module_path(moe, moe.backbone)
+    outputs = set(moe.state_dict())
+    tied = set(moe.get_expanded_tied_weights_keys(all_submodels=True))
+    block_paths = tuple(f"{module_path(moe, block)}." for block in moe.moe_blocks())
+    available = set(read.keys())
+    origins = {f"{backbone}.{key}": [source] for key, source in backbone_keys.items() if source in available}
+    unexpected = sorted(set(origins) - outputs)
+    missing = sorted(n for n in outputs - set(origins) - tied if n.startswith(f"{backbone}.") and not n.startswith(block_paths))
+    if unexpected or missing:
         raise ValueError(
             f"{type(source_model).__name__} does not map onto {type(moe.backbone).__name__}: unexpected "
-            f"{sorted(result.unexpected_keys)[:5]}, missing {sorted(missing)[:5]}."
+            f"{unexpected[:5]}, missing {missing[:5]}."
         )
-    for stack, layers in get_adapter(text_config.model_type).stacks(moe.backbone).items():
+    for stack, layers in get_adapter(moe.config.text_config.model_type).stacks(moe.backbone).items():
         for idx, layer in enumerate(layers):
-            block = next((m for m in layer.modules() if isinstance(m, MoeFeedForward)), None)
-            weights = moe_weights.pop((stack, idx), None)
-            if (block is None) != (weights is None):
+            block = next((m for m in layer.modules() if m in moe.moe_blocks()), None)
+            keys = moe_keys.pop((stack, idx), None)
+            if (block is None) != (keys is None):
                 raise ValueError(f"MoE layer placement differs from the source at {stack} layer {idx}.")
             if block is None:
                 continue
-            _copy(block.moe.router.weight, weights["router"], f"{stack}.{idx} router")
-            experts = dict(block.moe.experts.named_parameters())
-            if set(experts) != set(weights["experts"]):
-                raise ValueError(f"{stack}.{idx}: experts {sorted(weights['experts'])} do not match {sorted(experts)}.")
-            for name, param in experts.items():
-                _copy(param, weights["experts"][name], f"{stack}.{idx} experts.{name}")
-    if moe_weights:
-        raise ValueError(f"Source MoE layers without a place in the converted model: {sorted(moe_weights)}.")
+            origins[f"{module_path(moe, block.moe.router)}.weight"] = keys["router"]
+            experts = module_path(moe, block.moe.experts)
+            names = {name for name, _ in block.moe.experts.named_parameters()}
+            if names != set(keys["experts"]):
+                raise ValueError(f"{stack}.{idx}: experts {sorted(keys['experts'])} do not match {sorted(names)}.")
+            origins.update({f"{experts}.{name}": source_keys for name, source_keys in keys["experts"].items()})
+    if moe_keys:
+        raise ValueError(f"Source MoE layers without a place in the converted model: {sorted(moe_keys)}.")
+    return {name: functools.partial(_read_all, read, keys) for name, keys in origins.items()}
 
-    options = UpcycleOptions(zero_hyper_expert=zero_hyper_expert)
-    for module in moe.modules():
-        if isinstance(module, HyperExpertGenerator):
-            finish_new_module(module, options)
+
+def _read_all(read, keys):
+    for key in keys:
+        yield read.get(key)
+
+
+def _finish(zero: bool):
+    def finish(module):
+        if zero and isinstance(module, HyperExpertGenerator):
+            zero_hyper_expert(module)
+
+    return finish
+
+
+def conversion_note(source_fields: dict, config, zero_hyper_expert: bool) -> str | None:
+    """Why the converted model will not reproduce the source (float32, eval mode, nothing dropped), or None."""
+    source_k, top_k = source_fields["num_experts_per_tok"], config.num_experts_per_tok
+    changes = []
+    if config.model_type == "dynamic_moe":
+        changes.append(
+            f"top-p routing (router_top_p={config.router_top_p}) replaces the source's top-{source_k}, so tokens "
+            "whose top-p set differs from their top-k set are computed differently"
+        )
+    else:
+        if top_k != source_k:
+            changes.append(f"num_experts_per_tok changed from {source_k} to {top_k}")
+        if config.normalize_topk(top_k) != source_fields["norm_topk_prob"]:
+            changes.append(f"norm_topk_prob differs from the source's ({source_fields['norm_topk_prob']})")
+    return why_not_exact(config, zero_hyper_expert, changes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# in memory
+
+
+@torch.no_grad()
+def convert_moe_model(source_model: PreTrainedModel, family: str, *, zero_hyper_expert: bool = True, **family_options):
+    """A loaded transformers MoE model (Mixtral, SwitchTransformers) -> the same model as an hf-moe `family` model
+    (a model type: "topk_moe", "hypermoe", "dynamic_moe"), with the source's router and expert weights, and the
+    tensors `convert_moe` writes.
+
+    `zero_hyper_expert` zeroes HyperMoE's up-projection generator heads, so its HyperExpert adds exactly 0 until
+    trained. `family_options` set routing fields of the family config (e.g. `router_top_p`, `num_experts_per_tok`,
+    `expert_capacity_factor`); fields that fix the structure (`num_experts`, `moe_layers`, ...) come from the source.
+    Raises ValueError for unsupported sources or families; logs a warning when the result is not the source's function
+    (see `conversion_note` and the module docstring).
+    """
+    config, source_fields = _moe_config(source_model, family, family_options)
+    head = _source_head(source_model.config, type(source_model).__name__)
+    with torch.random.fork_rng(devices=[]):  # new HyperMoE parameters: deterministic, global RNG untouched
+        moe = MODEL_CLASSES[FAMILY_BY_MODEL_TYPE[family], head](config).to(source_model.dtype)
+        initialise_new_modules(moe, 0, _finish(zero_hyper_expert))
+    state = moe.state_dict()
+    for name, origin in _origins(source_model, moe, source_model.state_dict()).items():
+        chunks = list(origin())
+        tensor = chunks[0] if len(chunks) == 1 and chunks[0].shape == state[name].shape else torch.stack(chunks)
+        if tensor.shape != state[name].shape:
+            raise ValueError(f"{name}: source shape {tuple(tensor.shape)} != hf-moe shape {tuple(state[name].shape)}.")
+        state[name].copy_(tensor)
     if source_model.can_generate() and moe.can_generate():
         moe.generation_config = copy.deepcopy(source_model.generation_config)
-    note = conversion_note(source_fields, config, zero_hyper_expert)
-    if note:
+    if note := conversion_note(source_fields, config, zero_hyper_expert):
         logger.warning("The converted %s model is not the source's function: %s.", family, note)
-    return moe.train(source_model.training), note
-
-
-def _copy(param, tensor, what):
-    if param.shape != tensor.shape:
-        raise ValueError(f"{what}: source shape {tuple(tensor.shape)} != hf-moe shape {tuple(param.shape)}.")
-    param.copy_(tensor)
+    return moe.train(source_model.training)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # checkpoint folders
 
 
-@sigterm_as_interrupt()
 def convert_moe(
     source: str,
     output_dir: str,
@@ -465,55 +474,52 @@ def convert_moe(
     dtype: str | torch.dtype = "auto",
     revision: str | None = None,
     zero_hyper_expert: bool = True,
+    verify: bool = False,
+    max_shard_size: int = 2 * 1024**3,
+    progress=True,
     **family_options,
 ) -> Path:
     """Convert an MoE checkpoint (local folder or Hub id) into an hf-moe `family` checkpoint folder at `output_dir`
     that loads with `from_pretrained` (after `import hf_moe`, or with `trust_remote_code=True`). Returns the path.
 
-    The source is loaded with the transformers auto class of its architecture, in `dtype` ("auto": the checkpoint's;
-    torch.float32 to convert on CPU in full precision), converted with `convert_moe_model` and saved to a temporary
-    folder next to the target, with every non-weight file of the source, then renamed into place. An existing target
-    is refused unless `overwrite`, and so is a target that is, contains or lies inside the source. Ctrl-C or SIGTERM
-    raise KeyboardInterrupt once the partial output is removed; a full disk or a read-only target raise an OSError
-    naming the target.
+    The source is streamed tensor by tensor (never loaded whole) in `dtype` ("auto": the checkpoint's), mapped as
+    `convert_moe_model` maps a loaded model, and written with the safety rules of `hf_moe.conversion.upcycle`: a
+    staging folder next to the target renamed into place when complete, every non-weight file of the source carried
+    over, an existing target refused unless `overwrite`, a target overlapping the source refused, nothing left after
+    Ctrl-C, SIGTERM, a full disk or a read-only target. `verify`, `max_shard_size` and `progress` as in `upcycle`.
     """
-    from .sources import resolve_source
 
-    target = Path(output_dir).expanduser().resolve()
-    refuse_existing(target, overwrite)
-    folder = resolve_source(str(source), revision=revision)
-    refuse_overlap(folder, target)
-    source_config = AutoConfig.from_pretrained(folder)
-    check_supported(getattr(source_config, "model_type", None), family)  # before loading any weight
-    head = _source_head(source_config, None)
-    source_model = HEADS[head].from_pretrained(folder, dtype=dtype).eval()
-    moe, note = _convert(source_model, family, zero_hyper_expert, family_options)
-    del source_model
+    def convert(folder, staging):
+        source_config = AutoConfig.from_pretrained(folder)
+        check_supported(getattr(source_config, "model_type", None), family)  # before reading any weight
+        head = _source_head(source_config, None)
+        with torch.device("meta"):
+            source_model = HEADS[head].from_config(source_config)
+        config, source_fields = _moe_config(source_model, family, family_options)
+        checkpoint = ModelCheckpoint(SafetensorsSource(folder), source_model)
+        if dtype == "auto":
+            config.dtype = checkpoint_dtype(checkpoint.source, source_config.dtype)
+        else:
+            config.dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+        config.text_config.dtype = config.dtype
+        with torch.device("meta"):
+            moe = MODEL_CLASSES[FAMILY_BY_MODEL_TYPE[family], head](config)
+        plan = StreamingPlan(moe, _origins(source_model, moe, checkpoint), config.dtype, 0, _finish(zero_hyper_expert))
+        plan.save(staging, max_shard_size, progress)
+        note = conversion_note(source_fields, config, zero_hyper_expert)
+        if note:
+            logger.warning("The converted %s model is not the source's function: %s.", family, note)
+        architecture = (source_config.architectures or [source_config.model_type])[0]
+        return Converted(
+            model=moe,
+            summary=f"Converted by `hf_moe.conversion.convert_moe` from the `{architecture}` checkpoint "
+            f"`{source_name(source)}` into `{family}`, reusing its router and expert weights. Family options:",
+            settings=family_options,
+            exactness="Same function as the source (float32, eval, no capacity drops): "
+            f"{'no — ' + note if note else 'yes'}.",
+        )
 
-    with staged_output(target) as staging:
-        carried = carry_source_files(folder, staging)
-        moe.save_pretrained(staging)
-        section = _card_section(source_name(source), source_config, family, family_options, note, carried)
-        write_conversion_card(moe, staging, source, folder, section)
-    return target
-
-
-def _card_section(source, source_config, family, family_options, note, carried) -> str:
-    architecture = (source_config.architectures or [source_config.model_type])[0]
-    options = [f"- `{name}`: {value}" for name, value in family_options.items()] or ["- none"]
-    lines = [
-        "## Conversion",
-        "",
-        f"Converted by `hf_moe.conversion.convert_moe` from the `{architecture}` checkpoint `{source}` into "
-        f"`{family}`, reusing its router and expert weights. Family options:",
-        "",
-        *options,
-        "",
-        f"Same function as the source (float32, eval, no capacity drops): {'no — ' + note if note else 'yes'}.",
-        "",
-        carried_files_line(carried),
-    ]
-    return "\n".join(lines) + "\n"
+    return write_conversion(source, output_dir, convert, overwrite=overwrite, verify=verify, revision=revision)
 
 
 __all__ = ["SUPPORTED_CONVERSIONS", "check_supported", "conversion_note", "convert_moe", "convert_moe_model"]

@@ -1,7 +1,8 @@
-"""Writing a conversion's output folder without losing anything: never over the source, into a staging folder next to
-the target that is renamed into place only when complete and removed on any error, Ctrl-C or SIGTERM (the staging
-folders of killed runs are removed by the next run), with every non-weight file of the source carried over and a model
-card naming where the model came from."""
+"""The output folder of every conversion (docs/upcycling.md §4): `write_conversion` resolves the source, refuses a
+target that exists or overlaps the source, writes into a staging folder next to the target that is renamed into place
+only when complete and removed on any error, Ctrl-C or SIGTERM (the staging folders of killed runs are removed by the
+next run), carries every non-weight file of the source over, verifies on request and writes a model card naming
+where the model came from and why it is or is not the source's function."""
 
 import errno
 import json
@@ -14,25 +15,61 @@ import socket
 import threading
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import ModelCard, metadata_load
 from safetensors import SafetensorError
 
 from .safetensors_io import inside_folder
+from .sources import EXPORT_FOLDERS, WEIGHT_SUFFIXES, resolve_source
+from .verify import report_table, verify_conversion
 
 logger = logging.getLogger(__name__)
 
-# weight files of the dense model in any format, and exported copies of it: none describes the converted model
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".onnx_data", ".ot",
-                   ".tflite", ".gguf")
-EXPORT_FOLDERS = ("onnx", "openvino")
-# not carried either: the config and card the conversion writes, weight indexes, and the dense model's own code
+# not carried: weight files and exported copies of the source model (none describes the converted model), and: the config and card the conversion writes, weight indexes, and the dense model's own code
 _NOT_CARRIED = ("config.json", "README.md")
 _NOT_CARRIED_SUFFIXES = (*WEIGHT_SUFFIXES, ".index.json", ".py", ".pyc")
 
 # errors of writing the output that the user fixes (space, permissions), reported in one line
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+@dataclass
+class Converted:
+    """What a conversion wrote into the staging folder, for the model card: the (meta) model, one sentence on what
+    was done, the settings used, and the line saying whether it computes the source's function."""
+
+    model: object
+    summary: str
+    settings: dict
+    exactness: str
+
+
+def write_conversion(source, output_dir, convert, *, overwrite: bool, verify: bool, revision: str | None = None,
+                     gguf_file: str | None = None) -> Path:
+    """Run `convert(folder, staging) -> Converted` on the resolved source folder into a staging folder that becomes
+    `output_dir` once complete, with the source's other files, the optional verification and the model card."""
+    target = Path(output_dir).expanduser().resolve()
+    refuse_existing(target, overwrite)
+    with sigterm_as_interrupt():
+        folder = resolve_source(str(source), revision=revision, gguf_file=gguf_file)
+        refuse_overlap(folder, target)
+        with staged_output(target) as staging:
+            carried = carry_source_files(folder, staging)
+            converted = convert(folder, staging)
+            report = verify_conversion(folder, staging, gguf_file) if verify else None
+            write_conversion_card(converted.model, staging, source, folder, _card_section(converted, carried, report))
+    return target
+
+
+def _card_section(converted: Converted, carried: list[str], report: dict | None) -> str:
+    settings = [f"- `{name}`: {value}" for name, value in converted.settings.items()] or ["- none"]
+    lines = ["## Conversion", "", converted.summary, "", *settings, "", converted.exactness, "",
+             carried_files_line(carried)]
+    if report is not None:
+        lines += ["", *report_table(report)]
+    return "\n".join(lines) + "\n"
 
 
 class OutputWriteError(OSError):

@@ -1,11 +1,16 @@
-"""Where a conversion reads from: a local checkpoint folder, or a Hub model id fetched with huggingface_hub."""
+"""Where a conversion reads from: a local checkpoint folder, or a Hub model id fetched with huggingface_hub
+(docs/upcycling.md §4)."""
 
 from pathlib import Path
 
 from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import HFValidationError
 
-from .output import EXPORT_FOLDERS, WEIGHT_SUFFIXES
+# weight files of a model in any format, and exported copies of it: a conversion reads safetensors (or the GGUF file it
+# is given) and carries none of them into its output
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".onnx_data", ".ot",
+                   ".tflite", ".gguf")
+EXPORT_FOLDERS = ("onnx", "openvino")
 
 
 def resolve_source(source: str, revision: str | None = None, gguf_file: str | None = None) -> Path:

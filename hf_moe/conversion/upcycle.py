@@ -4,24 +4,20 @@ et al., ICLR 2025, arXiv 2502.19261).
 
 Two entry points: `upcycle_model` converts a loaded dense model in memory; `upcycle` streams a safetensors checkpoint
 (local folder or Hub id) into a checkpoint folder, tensor by tensor, so peak memory stays near one FFN matrix whatever
-the model size. Both build the same expert tensors from the same seed.
+the model size. Both build the same tensors from the same seed (docs/upcycling.md §1-§4).
 """
 
-import copy
-import json
+import functools
 import logging
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, PreTrainedModel
-from transformers.dynamic_module_utils import custom_object_save
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
 from ..modeling import (
-    CUSTOM_INIT_MODULES,
     FAMILY_BY_MODEL_TYPE,
-    FAMILY_CONFIG_CLASSES,
     HEADS,
     MODEL_CLASSES,
     HyperExpertGenerator,
@@ -29,17 +25,17 @@ from ..modeling import (
     Router,
     get_adapter,
 )
-from .output import (
-    carried_files_line,
-    carry_source_files,
-    refuse_existing,
-    refuse_overlap,
-    sigterm_as_interrupt,
-    source_name,
-    staged_output,
-    write_conversion_card,
+from .output import Converted, source_name, write_conversion
+from .safetensors_io import SafetensorsSource
+from .streaming import StreamingPlan, checkpoint_dtype
+from .structure import (
+    build_moe_config,
+    head_of,
+    initialise_new_modules,
+    module_path,
+    why_not_exact,
+    zero_hyper_expert,
 )
-from .safetensors_io import SafetensorsSource, write_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +48,7 @@ class UpcycleOptions:
     reinit_fraction: float = 0.0  # Drop-Upcycling: fraction of each expert's FFN neurons re-initialised
     router_init: str = "normal"  # "normal" (std below) or "zeros"
     router_init_std: float | None = None  # None: the config's initializer_range
-    zero_hyper_expert: bool = False  # HyperMoE: zero the generator heads, so the HyperExpert starts at exactly 0
+    zero_hyper_expert: bool = False  # HyperMoE: zero the generator's up-projection heads: the HyperExpert starts at 0
     seed: int = 0
 
     def __post_init__(self):
@@ -64,51 +60,9 @@ class UpcycleOptions:
             raise ValueError(f"reinit_fraction={self.reinit_fraction} must be in [0, 1].")
 
 
-def build_moe_config(dense_config, family: str, num_experts: int, num_experts_per_tok: int, moe_layers, **options):
-    """The family config over `dense_config`, renormalised top-k by default so that upcycling preserves the function."""
-    if family not in FAMILY_CONFIG_CLASSES:
-        raise ValueError(f"Unknown family {family!r}; choose one of {', '.join(FAMILY_CONFIG_CLASSES)}.")
-    if family != "dynamic_moe":
-        options.setdefault("norm_topk_prob", True)
-    text_config = copy.deepcopy(dense_config)
-    if hasattr(text_config, "quantization_config"):
-        del text_config.quantization_config  # the MoE is built unquantised (GGUF sources arrive dequantised)
-    return FAMILY_CONFIG_CLASSES[family](
-        text_config=text_config,
-        num_experts=num_experts,
-        num_experts_per_tok=num_experts_per_tok,
-        moe_layers=moe_layers,
-        dtype=dense_config.dtype,
-        # task fields live on the wrapper config (it hands them to the backbone): keep the dense head's labels
-        id2label=dense_config.id2label,
-        label2id=dense_config.label2id,
-        problem_type=dense_config.problem_type,
-        **options,
-    )
-
-
-def function_preservation_note(config, options: UpcycleOptions) -> str | None:
-    """Why this conversion will not reproduce the dense model exactly at step 0, or None if it will."""
-    reasons = []
-    if config.model_type == "mh_moe":
-        reasons.append("MH-MoE experts act on d/h-wide sub-tokens, so they start fresh rather than as FFN copies")
-    if config.model_type == "dynamic_moe" and not config.norm_topk_prob:
-        reasons.append("top-p with raw probabilities scales each FFN output by its kept mass (norm_topk_prob=True fixes it)")
-    if config.model_type == "hypermoe" and not options.zero_hyper_expert:
-        reasons.append("HyperMoE adds a tiny generated adapter (about 1e-3 relative; zero_hyper_expert=True removes it)")
-    if options.expert_noise_std or options.reinit_fraction:
-        reasons.append("expert noise / Drop-Upcycling re-initialisation change the experts")
-    return "; ".join(reasons) or None
-
-
-def head_of(config, architecture: str | None = None) -> str:
-    """The hf-moe head matching an architecture (default: the checkpoint's), e.g. `BertModel` -> "Model"."""
-    architecture = architecture or (config.architectures or [None])[0]
-    for head, auto_class in HEADS.items():
-        model_class = auto_class._model_mapping.get(type(config), None)
-        if model_class is not None and model_class.__name__ == architecture:
-            return head
-    return "Model"
+def _not_exact(config, options: UpcycleOptions) -> str | None:
+    changes = ["expert noise / Drop-Upcycling re-initialisation change the experts"]
+    return why_not_exact(config, options.zero_hyper_expert, changes if options.expert_noise_std or options.reinit_fraction else ())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -161,9 +115,7 @@ def finish_new_module(module, options: UpcycleOptions):
         elif options.router_init_std is not None:
             torch.nn.init.normal_(module.weight, std=options.router_init_std, generator=_generator(options.seed, "router"))
     if isinstance(module, HyperExpertGenerator) and options.zero_hyper_expert:
-        for head in (module.weight_down, module.bias_down, module.weight_up, module.bias_up):
-            torch.nn.init.zeros_(head.weight)
-            torch.nn.init.zeros_(head.bias)
+        zero_hyper_expert(module)
 
 
 def _paired_moe_blocks(dense_backbone, moe_model):
@@ -181,7 +133,6 @@ def _paired_moe_blocks(dense_backbone, moe_model):
 # in memory
 
 
-@torch.no_grad()
 def upcycle_model(
     dense_model: PreTrainedModel,
     family: str,
@@ -192,27 +143,33 @@ def upcycle_model(
     options: UpcycleOptions = UpcycleOptions(),
     **family_options,
 ) -> PreTrainedModel:
-    """A loaded dense transformers model -> the same model as an MoE of `family` (a model type, e.g. "hypermoe")."""
-    dense_config = dense_model.config
-    config = build_moe_config(dense_config, family, num_experts, num_experts_per_tok, moe_layers, **family_options)
-    model_class = MODEL_CLASSES[FAMILY_BY_MODEL_TYPE[family], head_of(dense_config, type(dense_model).__name__)]
-    torch.manual_seed(options.seed)
-    moe = model_class(config).to(dense_model.dtype)
+    """A loaded dense transformers model -> the same model as an MoE of `family` (a model type, e.g. "hypermoe"),
+    with the tensors the streaming `upcycle` writes for the same seed."""
+    config = build_moe_config(dense_model.config, family, num_experts, num_experts_per_tok, moe_layers, **family_options)
+    moe = _upcycle_loaded(dense_model, config, options)
+    if note := _not_exact(config, options):
+        logger.warning("Not function-preserving at step 0: %s.", note)
+    return moe
+
+
+@torch.no_grad()
+def _upcycle_loaded(dense_model, config, options: UpcycleOptions):
+    head = head_of(dense_model.config, type(dense_model).__name__) or "Model"
+    with torch.random.fork_rng(devices=[]):
+        moe = MODEL_CLASSES[FAMILY_BY_MODEL_TYPE[config.model_type], head](config).to(dense_model.dtype)
+        initialise_new_modules(moe, options.seed, functools.partial(finish_new_module, options=options))
     dense_state = dense_model.state_dict()
     result = moe.backbone.load_state_dict(dense_state, strict=False)
     ffn_keys = set(dense_state) - set(moe.backbone.state_dict())
     if set(result.unexpected_keys) - ffn_keys:
         raise ValueError(f"Dense weights without a place in the MoE model: {sorted(result.unexpected_keys)[:5]}")
+    adapter = get_adapter(config.text_config.model_type)
     for layer_key, dense_layer, _, block in _paired_moe_blocks(dense_model, moe):
-        if block.moe.config.model_type == "mh_moe":
-            continue  # sub-token experts cannot be FFN copies (methods.md §4.1)
-        dense = get_adapter(config.text_config.model_type).dense_ffn_weights(dense_layer)
+        if config.model_type == "mh_moe":
+            continue  # sub-token experts cannot be FFN copies (docs/upcycling.md §3)
+        dense = adapter.dense_ffn_weights(dense_layer)
         for name, param in block.moe.experts.named_parameters():
-            param.copy_(torch.stack([expert_tensor(dense, name, e, layer_key, options) for e in range(num_experts)]))
-    for module in moe.modules():
-        finish_new_module(module, options)
-    if note := function_preservation_note(config, options):
-        logger.warning("Not function-preserving at step 0: %s.", note)
+            param.copy_(torch.stack([expert_tensor(dense, name, e, layer_key, options) for e in range(config.num_experts)]))
     return moe.train(dense_model.training)
 
 
@@ -220,7 +177,6 @@ def upcycle_model(
 # streaming
 
 
-@sigterm_as_interrupt()
 def upcycle(
     source: str,
     output_dir: str,
@@ -249,250 +205,103 @@ def upcycle(
     a tqdm bar, False for none, or your own tqdm-like object (`reset(total=...)` and `update(n)`, in bytes).
 
     Ctrl-C or SIGTERM raise KeyboardInterrupt once the partial output is removed; a full disk or a read-only target
-    raise an OSError naming the target.
+    raise an OSError naming the target (docs/upcycling.md §4).
     """
-    from .sources import resolve_source
 
-    target = Path(output_dir).expanduser().resolve()
-    refuse_existing(target, overwrite)
-    folder = resolve_source(str(source), revision=revision, gguf_file=gguf_file)
-    refuse_overlap(folder, target)
-    with staged_output(target) as staging:
-        carried = carry_source_files(folder, staging)
-        if gguf_file is not None:
-            moe = _upcycle_gguf(folder, gguf_file, staging, family, num_experts, num_experts_per_tok, moe_layers,
-                                options, family_options)
+    def convert(folder, staging):
+        dense = _load_gguf(folder, gguf_file) if gguf_file else None
+        dense_config = AutoConfig.from_pretrained(folder) if dense is None else dense.config
+        config = build_moe_config(dense_config, family, num_experts, num_experts_per_tok, moe_layers, **family_options)
+        if dense is None:
+            moe = _upcycle_streaming(folder, staging, dense_config, config, options, max_shard_size, progress)
         else:
-            moe = _upcycle_streaming(folder, staging, family, num_experts, num_experts_per_tok, moe_layers, options,
-                                     max_shard_size, progress, family_options)
-        note = function_preservation_note(moe.config, options)
-        report = _verify(folder, staging, gguf_file) if verify else None
-        section = _conversion_card_section(source_name(source), gguf_file, moe.config, options, family_options, note,
-                                           carried, report)
-        write_conversion_card(moe, staging, source, folder, section)
-    return target
+            moe = _upcycle_loaded(dense, config, options)
+            moe.save_pretrained(staging)
+            AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(staging)  # the GGUF holds it
+        note = _not_exact(config, options)
+        if note:
+            logger.warning("Not function-preserving at step 0: %s. Run with verify to measure the gap.", note)
+        origin = f"`{gguf_file}` of `{source_name(source)}`" if gguf_file else f"`{source_name(source)}`"
+        return Converted(
+            model=moe,
+            summary=f"Upcycled by `hf_moe.conversion.upcycle` from {origin} into `{family}`, with these options:",
+            settings={"num_experts": num_experts, "num_experts_per_tok": num_experts_per_tok, **family_options,
+                      **asdict(options)},
+            exactness=f"Function-preserving at step 0: {'no — ' + note if note else 'yes (every expert is the dense FFN)'}.",
+        )
+
+    return write_conversion(source, output_dir, convert, overwrite=overwrite, verify=verify, revision=revision,
+                            gguf_file=gguf_file)
 
 
-def _upcycle_streaming(folder, staging, family, num_experts, top_k, moe_layers, options, max_shard_size, progress,
-                       family_options):
-    """Write the MoE checkpoint's weights, config and modeling code into `staging`; returns the (meta) MoE model."""
-    dense_config = AutoConfig.from_pretrained(folder)
-    config = build_moe_config(dense_config, family, num_experts, top_k, moe_layers, **family_options)
-    head = head_of(dense_config)
+def _load_gguf(folder, gguf_file):
+    """GGUF goes through transformers' loader (dequantised to float32 in memory), then the in-memory conversion."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+
+
+def _upcycle_streaming(folder, staging, dense_config, config, options, max_shard_size, progress):
+    """Write the MoE checkpoint (weights, config, modeling code) into `staging`; returns the (meta) MoE model."""
+    head = head_of(dense_config) or "Model"
     with torch.device("meta"):
-        moe = MODEL_CLASSES[FAMILY_BY_MODEL_TYPE[family], head](config)
+        moe = MODEL_CLASSES[FAMILY_BY_MODEL_TYPE[config.model_type], head](config)
         dense = HEADS[head].from_config(dense_config)
     source = SafetensorsSource(folder)
-    plan = StreamingPlan(source, dense, moe, options)
-    total = sum(plan.nbytes(name) for name in plan.specs)
-    if progress is True:
-        from tqdm.auto import tqdm
-
-        with tqdm(total=total, unit="B", unit_scale=True, desc="upcycling") as bar:
-            write_sharded(staging, plan.specs, plan.produce, max_shard_size, bar)
-    else:
-        if progress:
-            progress.reset(total=total)
-        write_sharded(staging, plan.specs, plan.produce, max_shard_size, progress or None)
-    config.architectures = [type(moe).__name__]
-    custom_object_save(moe, staging, config=config)  # modeling files + auto_map, as save_pretrained does
-    config.save_pretrained(staging)
-    if note := function_preservation_note(config, options):
-        logger.warning("Not function-preserving at step 0: %s. Run with verify to measure the gap.", note)
+    dense_shapes = {key: tuple(tensor.shape) for key, tensor in dense.state_dict().items()}
+    for key in source.weight_map:
+        if key in dense_shapes and source.shape(key) != dense_shapes[key]:
+            raise ValueError(f"Tensor {key!r} has shape {source.shape(key)} in the source, but its config implies "
+                             f"{dense_shapes[key]}: the checkpoint does not match its config.json.")
+    plan = StreamingPlan(moe, _origins(source, dense, moe, options), checkpoint_dtype(source, config.text_config.dtype),
+                         options.seed, functools.partial(finish_new_module, options=options))
+    plan.save(staging, max_shard_size, progress)
     return moe
 
 
-class StreamingPlan:
-    """Which output tensor comes from where: a renamed source tensor, expert copies of a dense FFN, or a new
-    hf-moe parameter (router, generator, ...) initialised on the spot. Produces one tensor (or one expert) at a time."""
+def _origins(source, dense, moe, options) -> dict:
+    """Where each output tensor comes from: a source tensor under the backbone's path, or the expert copies of a
+    dense FFN tensor, one expert at a time, from the current layer's dense FFN (the only one kept in memory)."""
+    backbone = module_path(moe, moe.backbone)
+    outputs = set(moe.state_dict())
+    origins = {
+        f"{backbone}.{key}": functools.partial(lambda key: [source.get(key)], key)
+        for key in source.weight_map
+        if f"{backbone}.{key}" in outputs
+    }
+    if moe.config.model_type == "mh_moe":
+        return origins  # sub-token experts start fresh (docs/upcycling.md §3)
+    dense_ffn = _DenseFfn(source, moe.config.text_config)
+    for layer_key, dense_layer, moe_layer, block in _paired_moe_blocks(dense, moe):
+        layer_path = module_path(dense, dense_layer)
+        moe_names = {name for name, _ in moe_layer.named_parameters()}
+        ffn_keys = {f"{layer_path}.{name}": name for name, _ in dense_layer.named_parameters() if name not in moe_names}
+        experts = module_path(moe, block.moe.experts)
+        for param_name, _ in block.moe.experts.named_parameters():
+            origins[f"{experts}.{param_name}"] = functools.partial(
+                _expert_copies, dense_ffn, layer_key, dense_layer, ffn_keys, param_name, moe.config.num_experts, options
+            )
+    return origins
 
-    def __init__(self, source: SafetensorsSource, dense, moe, options: UpcycleOptions):
-        self.source, self.dense, self.moe, self.options = source, dense, moe, options
-        self.dtype = _checkpoint_dtype(source, moe.config)
-        prefix = "model." if moe.backbone_prefix is None else f"model.{moe.backbone_prefix}."
-        dense_shapes = {key: tuple(tensor.shape) for key, tensor in dense.state_dict().items()}
-        for key in source.keys():
-            if key in dense_shapes and source.shape(key) != dense_shapes[key]:
-                raise ValueError(f"Tensor {key!r} has shape {source.shape(key)} in the source, but its config implies "
-                                 f"{dense_shapes[key]}: the checkpoint does not match its config.json.")
-        self.copied = {prefix + key: key for key in source.keys() if key in dense_shapes}
-        self.expert_params = {}  # output name -> (layer key, dense layer, param name)
-        self.ffn_keys = {}  # layer key -> source keys of the dense FFN (what the MoE layer no longer has)
-        for layer_key, dense_layer, moe_layer, block in _paired_moe_blocks(dense, moe):
-            if moe.config.model_type == "mh_moe":
-                continue
-            layer_path = _module_path(dense, dense_layer)
-            moe_names = {name for name, _ in moe_layer.named_parameters()}
-            self.ffn_keys[layer_key] = {
-                f"{layer_path}.{name}": name for name, _ in dense_layer.named_parameters() if name not in moe_names
-            }
-            experts_path = _module_path(moe, block.moe.experts)
-            for param_name, _ in block.moe.experts.named_parameters():
-                self.expert_params[f"{experts_path}.{param_name}"] = (layer_key, dense_layer, param_name)
-        tied = set(moe.get_expanded_tied_weights_keys(all_submodels=True))
-        state = moe.state_dict()
-        self.specs = {
-            name: (tuple(tensor.shape), self.dtype if tensor.is_floating_point() else tensor.dtype)
-            for name, tensor in state.items()
-            if not (name in tied and name not in self.copied)
-        }
-        self.new_params = [n for n in self.specs if n not in self.copied and n not in self.expert_params]
-        self.units = _init_units(moe, self.new_params)
-        self._dense_cache = (None, None)
 
-    def nbytes(self, name):
-        shape, dtype = self.specs[name]
-        return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+def _expert_copies(dense_ffn, layer_key, dense_layer, ffn_keys, param_name, num_experts, options):
+    dense = dense_ffn(layer_key, dense_layer, ffn_keys)
+    for expert in range(num_experts):
+        yield expert_tensor(dense, param_name, expert, layer_key, options)
 
-    def produce(self, name):
-        if name in self.copied:
-            yield self.source.get(self.copied[name]).to(self.specs[name][1])
-        elif name in self.expert_params:
-            layer_key, dense_layer, param_name = self.expert_params[name]
-            dense = self._dense_ffn(layer_key, dense_layer)
-            for expert in range(self.moe.config.num_experts):
-                yield expert_tensor(dense, param_name, expert, layer_key, self.options).to(self.dtype)
-        else:
-            yield self._new_param(name)
 
-    def _dense_ffn(self, layer_key, dense_layer):
-        """The dense FFN weights of one layer as one expert; only the current layer is kept in memory."""
-        if self._dense_cache[0] != layer_key:
-            tensors = {name: self.source.get(key) for key, name in self.ffn_keys[layer_key].items()}
+class _DenseFfn:
+    """The dense FFN weights of one layer, read into its meta layer; only the current layer is kept in memory."""
+
+    def __init__(self, source, text_config):
+        self.source, self.adapter = source, get_adapter(text_config.model_type)
+        self.layer_key, self.weights = None, None
+
+    def __call__(self, layer_key, dense_layer, ffn_keys):
+        if self.layer_key != layer_key:
+            tensors = {name: self.source.get(key) for key, name in ffn_keys.items()}
             dense_layer.load_state_dict(tensors, strict=False, assign=True)
-            adapter = get_adapter(self.moe.config.text_config.model_type)
-            self._dense_cache = (layer_key, {k: v.detach() for k, v in adapter.dense_ffn_weights(dense_layer).items()})
+            self.weights = {k: v.detach() for k, v in self.adapter.dense_ffn_weights(dense_layer).items()}
+            self.layer_key = layer_key
             dense_layer.to("meta")
-        return self._dense_cache[1]
-
-    @torch.no_grad()
-    def _new_param(self, name):
-        unit = self.units[name]
-        if not getattr(unit, "_hf_moe_materialized", False):
-            for owner in {_owner(self.moe, n) for n, u in self.units.items() if u is unit}:
-                owner.to_empty(device="cpu", recurse=False)
-                owner.to(self.dtype)
-            torch.manual_seed(self.options.seed + zlib.crc32(_module_path(self.moe, unit).encode()))
-            unit.reset_parameters()
-            finish_new_module(unit, self.options)
-            unit._hf_moe_materialized = True
-        return getattr(_owner(self.moe, name), name.rsplit(".", 1)[1]).detach().to(self.dtype)  # parameter or buffer
-
-
-def _init_units(moe, names):
-    """For each new parameter, the hf-moe module whose `reset_parameters` initialises it."""
-    units = {}
-    for name in names:
-        path = name.rsplit(".", 1)[0]
-        unit = None
-        while True:
-            module = moe.get_submodule(path)
-            if isinstance(module, CUSTOM_INIT_MODULES) and _covers(module, moe, name):
-                unit = module
-                break
-            if not path:
-                break
-            path = path.rsplit(".", 1)[0] if "." in path else ""
-        if unit is None:
-            raise ValueError(f"The source checkpoint has no tensor for {name!r} and hf-moe cannot initialise it.")
-        units[name] = unit
-    return units
-
-
-def _covers(unit, moe, name) -> bool:
-    """Whether `unit.reset_parameters` initialises parameter `name` (nested hf-moe modules initialise their own)."""
-    unit_path = _module_path(moe, unit)
-    relative = name[len(unit_path) + 1 :] if unit_path else name
-    parts = relative.split(".")[:-1]
-    module = unit
-    for part in parts:
-        module = getattr(module, part)
-        if isinstance(module, CUSTOM_INIT_MODULES):
-            return False
-    return True
-
-
-def _owner(moe, name):
-    return moe.get_submodule(name.rsplit(".", 1)[0])
-
-
-def _module_path(root, module) -> str:
-    for path, candidate in root.named_modules():
-        if candidate is module:
-            return path
-    raise KeyError(module)
-
-
-def _checkpoint_dtype(source, config) -> torch.dtype:
-    if isinstance(config.text_config.dtype, torch.dtype):
-        return config.text_config.dtype
-    for name in source.keys():
-        tensor = source.get(name)
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.float32
-
-
-def _upcycle_gguf(folder, gguf_file, staging, family, num_experts, top_k, moe_layers, options, family_options):
-    """GGUF goes through transformers' loader (dequantised in memory), then the in-memory conversion."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dense = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-    moe = upcycle_model(dense, family, num_experts=num_experts, num_experts_per_tok=top_k, moe_layers=moe_layers,
-                        options=options, **family_options)
-    moe.save_pretrained(staging)
-    AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(staging)  # the GGUF holds it
-    return moe
-
-
-def _verify(folder, staging, gguf_file) -> dict:
-    from transformers import AutoTokenizer
-
-    from .verify import compare_outputs
-
-    converted_config = AutoConfig.from_pretrained(staging)
-    head = HEADS[head_of(converted_config)]
-    source = head.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-    converted = head.from_pretrained(staging, dtype=torch.float32)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(staging)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
-    report = compare_outputs(source, converted, tokenizer)
-    (staging / "verification.json").write_text(json.dumps(report, indent=2) + "\n")
-    logger.warning("Verification against the source: %s", json.dumps(report))
-    return report
-
-
-def _conversion_card_section(source, gguf_file, config, options, family_options, note, carried, report) -> str:
-    origin = f"`{gguf_file}` of `{source}`" if gguf_file else f"`{source}`"
-    settings = {"num_experts": config.num_experts, "num_experts_per_tok": config.num_experts_per_tok,
-                **family_options, **asdict(options)}
-    preserving = "no — " + note if note else "yes (every expert is the dense FFN)"
-    lines = [
-        "## Conversion",
-        "",
-        f"Upcycled by `hf_moe.conversion.upcycle` from {origin} into `{config.model_type}`, with these options:",
-        "",
-        *(f"- `{name}`: {value}" for name, value in settings.items()),
-        "",
-        f"Function-preserving at step 0: {preserving}.",
-        "",
-        carried_files_line(carried),
-    ]
-    if report is not None:
-        lines += [
-            "",
-            "## Verification",
-            "",
-            "Source and converted model run on the same sample inputs (`verification.json`):",
-            "",
-            "| output | max abs diff | relative error | KL(source ‖ converted) |",
-            "|---|---|---|---|",
-            *(
-                f"| {name} | {f['max_abs_diff']:.2e} | {f['relative_error']:.2e} | "
-                f"{format(f['kl'], '.2e') if 'kl' in f else '—'} |"
-                for name, f in report["outputs"].items()
-            ),
-        ]
-    return "\n".join(lines) + "\n"
+        return self.weights

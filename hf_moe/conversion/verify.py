@@ -1,6 +1,17 @@
-"""Check a conversion: run the source and the result on the same sample inputs and measure how far apart they are."""
+"""Check a conversion: run the source and the result on the same sample inputs and measure how far apart they are
+(docs/upcycling.md §6)."""
+
+import json
+import logging
+from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from ..modeling import HEADS
+from .structure import head_of
+
+logger = logging.getLogger(__name__)
 
 SAMPLE_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -33,6 +44,39 @@ def compare_outputs(source_model, converted_model, tokenizer=None, seed: int = 0
             figures["kl"] = kl[mask].mean().item() if kl.shape == mask.shape else kl.mean().item()
         report[name] = figures
     return {"outputs": report}
+
+
+def verify_conversion(folder: Path, converted: Path, gguf_file: str | None = None) -> dict:
+    """Compare the source checkpoint `folder` (or its `gguf_file`) with the converted folder, both loaded in float32
+    with the converted model's head; the report is logged and written to `verification.json`."""
+    head = HEADS[head_of(AutoConfig.from_pretrained(converted))]
+    source = head.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    result = head.from_pretrained(converted, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(converted)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    report = compare_outputs(source, result, tokenizer)
+    (Path(converted) / "verification.json").write_text(json.dumps(report, indent=2) + "\n")
+    logger.warning("Verification against the source: %s", json.dumps(report))
+    return report
+
+
+def report_table(report: dict) -> list[str]:
+    """The model card's verification section."""
+    return [
+        "## Verification",
+        "",
+        "Source and converted model run on the same sample inputs (`verification.json`):",
+        "",
+        "| output | max abs diff | relative error | KL(source ‖ converted) |",
+        "|---|---|---|---|",
+        *(
+            f"| {name} | {f['max_abs_diff']:.2e} | {f['relative_error']:.2e} | "
+            f"{format(f['kl'], '.2e') if 'kl' in f else '—'} |"
+            for name, f in report["outputs"].items()
+        ),
+    ]
 
 
 def _sample_inputs(model, tokenizer, seed):

@@ -21,7 +21,7 @@ from .modeling_hf_moe import (
     FAMILY_BY_MODEL_TYPE,
     FAMILY_CONFIG_CLASSES,
     HEADS,
-    MODEL_CLASSES,
     MoeFeedForward,
     MoePreTrainedModel,
 )
+from .modeling_families import MODEL_CLASSES

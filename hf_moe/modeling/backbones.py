@@ -26,9 +26,13 @@ class BackboneAdapter:
 
 
 # BERT, RoBERTa: the whole MoE sits in `intermediate`; `output` keeps its dropout, residual and LayerNorm.
+# The MoE block runs on whole sequences (`chunk_size_feed_forward` off): the router statistics (balance loss = a
+# product of means over all tokens) and capacity need every token at once, and the experts already hold only their
+# routed tokens' activations, which is the memory feed-forward chunking saves.
 def _bert_install(layer, block):
     layer.intermediate = block
     layer.output.dense = nn.Identity()
+    layer.chunk_size_feed_forward = 0
 
 
 BERT = BackboneAdapter(

@@ -41,6 +41,8 @@ class MoeConfig(PreTrainedConfig):
     """
 
     sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+    # outputs `Trainer` leaves out of evaluation predictions (its default is ["cache"])
+    keys_to_ignore_at_inference = ["cache", "router_stats"]
 
     text_config: dict | PreTrainedConfig | None = None
     num_experts: int = 8

@@ -14,7 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.integrations.moe import use_experts_implementation
+from transformers.integrations.moe import (
+    grouped_mm_experts_forward,
+    use_experts_implementation,
+)
 
 
 @dataclass(frozen=True)
@@ -45,11 +48,14 @@ class SortedLoopExperts(nn.Module):
     """Shared eager forward of the fused experts classes below.
 
     Sentinel slots (index == num_experts, weight 0: top-p padding, capacity drops) sort to the tail and are never
-    computed. The host sync is one `.tolist()` of the per-expert counts.
+    computed. The host sync is one `.tolist()` of the per-expert counts; under torch.compile/export the forward is
+    transformers' `grouped_mm` (static shapes, one graph).
     """
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         # hidden_states [T, H], top_k_index [T, k] (sentinel = num_experts), top_k_weights [T, k]
+        if torch.compiler.is_compiling():  # the per-expert split below has data-dependent sizes
+            return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         top_k = top_k_index.shape[1]
         expert_of_pair, pair_order = top_k_index.reshape(-1).sort(stable=True)  # [T*k]
         counts = torch.bincount(expert_of_pair, minlength=self.num_experts + 1)[: self.num_experts].tolist()

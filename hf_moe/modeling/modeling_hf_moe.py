@@ -1,7 +1,8 @@
 """Model classes of the five families: a transformers dense backbone (any head) whose FFN blocks in `moe_layers` are
 replaced by the family's MoE layer. Attention, embeddings, norms, KV cache and attention backends stay transformers'.
 
-Classes are named `<Family><Head>` (e.g. `HyperMoeForSequenceClassification`). Every head adds
+Classes are named `<Family><Head>` (e.g. `HyperMoeForSequenceClassification`), declared in modeling_families.py
+(generated from `FAMILIES` and `HEADS` below by utils/generate_model_classes.py). Every head adds
 `router_aux_loss_coef * aux_loss` (+ z-loss and entropy terms) to the task loss and returns `aux_loss`, and with
 `output_router_logits=True` the router logits of every MoE layer (transformers' generic MoE classification heads
 drop both, transformers-v5.md §2).
@@ -13,9 +14,11 @@ The experts classes are decorated with `@use_experts_implementation` in `experts
 import dataclasses
 import functools
 import os
+import re
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -25,9 +28,9 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
-    GenerationMixin,
     PreTrainedModel,
 )
+from transformers.utils.output_capturing import CompileableContextVar
 
 from .backbones import get_adapter
 from .configuration_hf_moe import (
@@ -38,6 +41,7 @@ from .configuration_hf_moe import (
     TopKMoeConfig,
 )
 from .experts import SortedLoopExperts
+from .modeling_outputs import MOE_OUTPUT_CLASSES
 from .moe_dynamic import DynamicMoeLayer
 from .moe_hypermoe import HyperExpertGenerator, HyperMoeLayer
 from .moe_hyperrouter import HyperRouterGate, HyperRouterLayer
@@ -49,25 +53,85 @@ from .moe_topk import Router, TopKMoeLayer
 CUSTOM_INIT_MODULES = (Router, SortedLoopExperts, HyperMoeLayer, HyperExpertGenerator, HyperRouterGate, MultiHeadMoeLayer)
 
 
+@dataclasses.dataclass
+class RoutingContext:
+    """What the MoE blocks of one forward share: each stack's per-token padding mask (`token_padding_mask`) and the
+    list each block appends its `MoeLayerOutput` to (None: record nothing, as when checkpointing recomputes a layer).
+    The model's forward owns it; nothing is stored on the modules, so concurrent forwards do not mix."""
+
+    padding_masks: dict[str, torch.Tensor | None]
+    layer_outputs: list | None
+
+
+# the routing context of the forward running in this thread (a plain global while torch.compile traces)
+_ROUTING_CONTEXT = CompileableContextVar("hf_moe_routing_context")
+
+
+def token_padding_mask(attention_mask, cache=None) -> torch.Tensor | None:
+    """[B, S'] bool, True for real tokens, whose last S columns are the S current tokens, from any mask transformers
+    accepts: 2-D [B, S_kv] (or [B, C, S_kv] for multiple choice), 4-D [B, 1 | heads, q, kv] bool (True = attend) or
+    additive float (0 = attend), a dict of 4-D masks per attention type (generate), or None (no padding)."""
+    if isinstance(attention_mask, dict):  # every attention type agrees on whether a token may attend to itself
+        attention_mask = next(iter(attention_mask.values()), None)
+    if not isinstance(attention_mask, torch.Tensor):  # no mask, or a flex-attention BlockMask: every token routed
+        return None
+    if attention_mask.dim() != 4:
+        return attention_mask.reshape(-1, attention_mask.shape[-1]).bool()
+    # a token is real iff it may attend to itself: query i sits at key position past + i (a static cache's keys
+    # span its whole length, so `past` comes from the cache)
+    query_len, key_len = attention_mask.shape[-2:]
+    past = cache.get_seq_length() if cache is not None else key_len - query_len
+    own_key = torch.arange(query_len, device=attention_mask.device) + past
+    own = attention_mask[:, 0].gather(-1, own_key.expand(attention_mask.shape[0], -1)[..., None])[..., 0]  # [B, q]
+    return own if own.dtype == torch.bool else own == 0
+
+
+def _checkpoint_in_routing_context(checkpoint_function, function, *args, **kwargs):
+    """`checkpoint_function(function, ...)` whose recomputation during backward (outside the forward) runs in the
+    routing context of the forward, recording nothing: the MoE layers see the same padding masks again."""
+    context = _ROUTING_CONTEXT.get()
+    calls = 0
+
+    def run(*run_args, **run_kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 1 or context is None:
+            return function(*run_args, **run_kwargs)
+        token = _ROUTING_CONTEXT.set(RoutingContext(context.padding_masks, layer_outputs=None))
+        try:
+            return function(*run_args, **run_kwargs)
+        finally:
+            _ROUTING_CONTEXT.reset(token)
+
+    return checkpoint_function(run, *args, **kwargs)
+
+
 class MoeFeedForward(nn.Module):
-    """Stands in a backbone layer's FFN slot: runs the MoE layer on the current padding mask, keeps its
-    `MoeLayerOutput` for the model to collect, and returns hidden states as the dense FFN did."""
+    """Stands in a backbone layer's FFN slot: runs the MoE layer on the padding mask of the current forward's routing
+    context, appends its `MoeLayerOutput` there, and returns hidden states as the dense FFN did."""
 
     def __init__(self, moe: TopKMoeLayer, stack: str, dropout: float = 0.0):
         super().__init__()
         self.moe = moe
         self.stack = stack
         self.dropout = nn.Dropout(dropout)
-        self.padding_mask = None  # [..., S_total], set by the model around each forward
-        self.layer_output = None
 
     def forward(self, hidden_states):
-        # hidden_states [B, S, H]; during cached decoding the mask also covers past tokens, so keep its last S columns
-        mask = self.padding_mask
-        if mask is not None:
-            mask = mask.reshape(-1, mask.shape[-1])[:, -hidden_states.shape[-2] :]
-        self.layer_output = self.moe(hidden_states, mask)
-        return self.dropout(self.layer_output.hidden_states)
+        # hidden_states [B, S, H]; outside a forward of the model (generate() runs T5's encoder alone) no mask is known
+        context = _ROUTING_CONTEXT.get()
+        mask = None if context is None else context.padding_masks[self.stack]
+        if mask is not None:  # during cached decoding the mask also covers past tokens
+            mask = mask[:, -hidden_states.shape[-2] :]
+        output = self.moe(hidden_states, mask)
+        if context is not None and context.layer_outputs is not None:
+            context.layer_outputs.append(output)
+        return self.dropout(output.hidden_states)
+
+
+def _names_parameters(rule: str, parameters: list[str]) -> bool:
+    """Whether a parallel-plan rule (`layers.*.self_attn.q_proj`) names some parameter or a module holding one."""
+    pattern = re.compile(re.escape(rule).replace(r"\*", r"\d+") + r"(\..+)?")
+    return any(pattern.fullmatch(name) for name in parameters)
 
 
 class _StackGenerator:
@@ -81,25 +145,12 @@ class _StackGenerator:
         return self.generators[self.stack](*args)
 
 
-@functools.cache
-def _output_class_with_router_fields(output_class):
-    """`output_class` (e.g. SequenceClassifierOutput) extended with `aux_loss` and `router_logits`."""
-    return dataclasses.make_dataclass(
-        f"Moe{output_class.__name__}",
-        [
-            ("aux_loss", torch.Tensor | None, dataclasses.field(default=None)),
-            ("router_logits", tuple | None, dataclasses.field(default=None)),
-        ],
-        bases=(output_class,),
-        namespace={"__module__": __name__},
-    )
-
-
 class MoePreTrainedModel(PreTrainedModel):
     """Shared machinery; a family sets `config_class` and `layer_class`, a head sets `auto_class`."""
 
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
+    _can_compile_fullgraph = True  # with any experts implementation: `eager` runs `grouped_mm` while compiling
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -150,6 +201,10 @@ class MoePreTrainedModel(PreTrainedModel):
         # PEFT (0.21) still reads this alias, which transformers 5 deprecated with a FutureWarning on every LoRA wrap
         return self.is_activation_checkpointing
 
+    def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=checkpoint, every_n_layers=1):
+        checkpoint_function = functools.partial(_checkpoint_in_routing_context, gradient_checkpointing_func)
+        super()._set_gradient_checkpointing(enable, checkpoint_function, every_n_layers)
+
     @property
     def backbone(self) -> PreTrainedModel:
         """The transformers model (any head) whose FFNs were replaced."""
@@ -170,6 +225,17 @@ class MoePreTrainedModel(PreTrainedModel):
                     moe = self.layer_class(config, ffn, idx, *extra).train(layer.training)
                     adapter.install(layer, MoeFeedForward(moe, stack, adapter.block_dropout(config.text_config)))
         return generators
+
+    def init_parallel_plans(self):
+        """The backbone's tensor and expert parallel rules under its path here (`model.` or `model.<prefix>.`), less
+        the rules of the dense FFN modules the MoE blocks replaced: every rule names existing parameters."""
+        super().init_parallel_plans()
+        path = next(name for name, module in self.named_modules() if module is self.backbone)
+        parameters = [name for name, _ in self.named_parameters()]
+        for plan_name in ("_tp_plan", "_ep_plan"):
+            backbone_plan = getattr(self.backbone, plan_name) or {}
+            plan = {**getattr(self, plan_name), **{f"{path}.{key}": style for key, style in backbone_plan.items()}}
+            setattr(self, plan_name, {key: style for key, style in plan.items() if _names_parameters(key, parameters)})
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
@@ -200,9 +266,11 @@ class MoePreTrainedModel(PreTrainedModel):
     def set_output_embeddings(self, value):
         self.backbone.set_output_embeddings(value)
 
+    def _supports_logits_to_keep(self) -> bool:
+        # generate() passes `logits_to_keep` when the forward names it; only the causal-LM backbone heads take it
+        return self.auto_class is AutoModelForCausalLM
+
     def get_encoder(self, *args, **kwargs):
-        for block in self.moe_blocks():  # generate() runs the encoder outside `forward`: no padding mask known
-            block.padding_mask = None
         return self.backbone.get_encoder(*args, **kwargs)
 
     def get_decoder(self, *args, **kwargs):
@@ -224,6 +292,7 @@ class MoePreTrainedModel(PreTrainedModel):
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ):
         inputs = {
@@ -241,30 +310,43 @@ class MoePreTrainedModel(PreTrainedModel):
             "use_cache": use_cache,
         }
         inputs = {name: value for name, value in inputs.items() if value is not None}
-        blocks = self.moe_blocks()
-        encoder_decoder = self.config.text_config.is_encoder_decoder
-        for block in blocks:
-            # the mask stays set after the forward: gradient checkpointing re-runs the blocks during backward
-            block.layer_output = None
-            block.padding_mask = decoder_attention_mask if encoder_decoder and block.stack == "decoder" else attention_mask
-        outputs = self.backbone(**inputs, **kwargs, return_dict=True)
-        layer_outputs = [block.layer_output for block in blocks if block.layer_output is not None]
-        if torch.is_grad_enabled() and any(
-            not b.layer_output.router_logits.requires_grad and any(p.requires_grad for p in b.moe.router.parameters())
-            for b in blocks
-            if b.layer_output is not None
+        if self._supports_logits_to_keep():
+            inputs["logits_to_keep"] = logits_to_keep
+        elif not isinstance(logits_to_keep, int) or logits_to_keep:
+            raise ValueError(f"logits_to_keep applies to causal-LM heads only, not to {type(self).__name__}.")
+        cache = kwargs.get("cache", past_key_values)
+        if self.config.text_config.is_encoder_decoder:
+            masks = {
+                "encoder": token_padding_mask(attention_mask),
+                "decoder": token_padding_mask(decoder_attention_mask, cache),
+            }
+        else:
+            masks = dict.fromkeys(("encoder", "decoder"), token_padding_mask(attention_mask, cache))
+        layer_outputs = []
+        token = _ROUTING_CONTEXT.set(RoutingContext(masks, layer_outputs))
+        try:
+            outputs = self.backbone(**inputs, **kwargs, return_dict=True)
+        finally:
+            _ROUTING_CONTEXT.reset(token)
+        if (
+            torch.is_grad_enabled()
+            and any(not o.router_logits.requires_grad for o in layer_outputs)
+            and any(p.requires_grad for b in self.moe_blocks() for p in b.moe.router.parameters())
         ):
             raise ValueError(
                 "The router losses have no gradient: reentrant gradient checkpointing runs the MoE layers without "
                 "grad. Enable it with gradient_checkpointing_kwargs={'use_reentrant': False} (the default)."
             )
-        output = _output_class_with_router_fields(type(outputs))(**outputs)
+        output = MOE_OUTPUT_CLASSES[type(outputs)](**outputs)
         if layer_outputs:
             output.aux_loss = sum(o.aux_loss for o in layer_outputs)
             if getattr(output, "loss", None) is not None:
                 output.loss = output.loss + self.router_loss(layer_outputs, output.aux_loss, labels, **kwargs)
             if output_router_logits if output_router_logits is not None else self.config.output_router_logits:
                 output.router_logits = tuple(o.router_logits for o in layer_outputs)
+            output.router_stats = tuple(
+                dataclasses.replace(o, hidden_states=None, router_logits=None) for o in layer_outputs
+            )
         return output if return_dict is not False else output.to_tuple()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -378,28 +460,18 @@ HEADS = {
     "ForMultipleChoice": AutoModelForMultipleChoice,
     "ForConditionalGeneration": AutoModelForSeq2SeqLM,
 }
-_GENERATIVE_HEADS = ("ForCausalLM", "ForConditionalGeneration")
+GENERATIVE_HEADS = ("ForCausalLM", "ForConditionalGeneration")
 
 FAMILY_BY_MODEL_TYPE = {config_class.model_type: family for family, (config_class, _) in FAMILIES.items()}
 FAMILY_CONFIG_CLASSES = {config_class.model_type: config_class for config_class, _ in FAMILIES.values()}
 
-MODEL_CLASSES = {}  # (family, head) -> class
-for _family, (_config_class, _layer_class) in FAMILIES.items():
-    _config_class.register_for_auto_class()  # saved checkpoints carry this code and an `auto_map`
-    for _head, _auto_class in HEADS.items():
-        _bases = (MoePreTrainedModel, GenerationMixin) if _head in _GENERATIVE_HEADS else (MoePreTrainedModel,)
-        _cls = type(
-            f"{_family}{_head}",
-            _bases,
-            {
-                "__module__": __name__,
-                "__doc__": f"{_family} MoE over a dense backbone's `{_auto_class.__name__}` model.",
-                "config_class": _config_class,
-                "layer_class": _layer_class,
-                "auto_class": _auto_class,
-            },
-        )
-        _cls.register_for_auto_class(_auto_class.__name__)
-        globals()[_cls.__name__] = MODEL_CLASSES[_family, _head] = _cls
-
-__all__ = ["MoePreTrainedModel", "MoeFeedForward", "MODEL_CLASSES"] + [cls.__name__ for cls in MODEL_CLASSES.values()]
+__all__ = [
+    "FAMILIES",
+    "FAMILY_BY_MODEL_TYPE",
+    "FAMILY_CONFIG_CLASSES",
+    "HEADS",
+    "MoeFeedForward",
+    "MoePreTrainedModel",
+    "RoutingContext",
+    "token_padding_mask",
+]

@@ -92,12 +92,14 @@ class HyperMoeLayer(TopKMoeLayer):
         return super().moe_output(x, index, weights, token_mask) + self.hyper_expert(x, index)
 
     def hyper_expert(self, x, index):
+        if torch.compiler.is_compiling():
+            # torch.compile/export need static shapes: one adapter per token instead of per distinct set (same math)
+            w_down, b_down, w_up, b_up = self.adapters(index, x.dtype)
+            hidden = torch.relu(torch.bmm(x[:, None], w_down)[:, 0] + b_down)  # [T, r]
+            return torch.bmm(hidden[:, None], w_up)[:, 0] + b_up
         # a set is keyed by its sorted indices (any number of experts; a sentinel slot, index E, selects nothing)
         sets, set_of_token = index.sort(-1).values.unique(dim=0, return_inverse=True)  # [G, k], [T]
-        selected = torch.zeros(len(sets), self.num_experts + 1, dtype=x.dtype, device=x.device).scatter_(1, sets, 1.0)
-        unselected = 1 - selected[:, : self.num_experts]  # [G, E]
-        set_features = self.embedding_process(unselected @ self.expert_embedding.weight)  # [G, emb]
-        w_down, b_down, w_up, b_up = self.generator(set_features, self.layer_idx)
+        w_down, b_down, w_up, b_up = self.adapters(sets, x.dtype)
 
         order = set_of_token.argsort(stable=True)
         counts = torch.bincount(set_of_token, minlength=len(sets)).tolist()
@@ -106,6 +108,13 @@ class HyperMoeLayer(TopKMoeLayer):
             for g, chunk in enumerate(x[order].split(counts))
         ]
         return torch.zeros_like(x).index_copy(0, order, torch.cat(pieces))  # [T, d]
+
+    def adapters(self, sets, dtype):
+        """HyperExpert weights for each selection in `sets` [G, k], from the embeddings of its unselected experts."""
+        selected = torch.zeros(sets.shape[0], self.num_experts + 1, dtype=dtype, device=sets.device)
+        unselected = 1 - selected.scatter_(1, sets, 1.0)[:, : self.num_experts]  # [G, E]
+        set_features = self.embedding_process(unselected @ self.expert_embedding.weight)  # [G, emb]
+        return self.generator(set_features, self.layer_idx)
 
 
 def _torch_default_linear_init(linear: nn.Linear):

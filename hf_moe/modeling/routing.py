@@ -43,7 +43,8 @@ def top_p_routing(probs: torch.Tensor, top_p: float, max_experts: int | None, no
     # expert explicitly: rounding can push a float cumsum past 1 before the last expert
     too_short = (sorted_probs.cumsum(-1) <= top_p).sum(-1) if top_p < 1 else torch.full_like(order[:, 0], num_experts)
     num_selected = (too_short + 1).clamp(max=max_experts or num_experts)
-    k_used = int(num_selected.max())  # one host sync: pad only to the widest selection in the batch
+    # pad to the widest selection in the batch (one host sync); compile/export need a static width: every expert
+    k_used = num_experts if torch.compiler.is_compiling() else int(num_selected.max())
     keep = torch.arange(k_used, device=probs.device) < num_selected[:, None]  # [T, k_used]
     index = order[:, :k_used].masked_fill(~keep, num_experts)
     weights = sorted_probs[:, :k_used].masked_fill(~keep, 0.0)

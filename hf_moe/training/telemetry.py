@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from ..modeling import MoeFeedForward
+from ..modeling import MoeFeedForward, MoePreTrainedModel
 
 # columns of the per-layer statistics of one forward: aux loss, router entropy, experts per token, then expert loads
 AUX, ENTROPY, EXPERTS, LOAD = 0, 1, 2, slice(3, None)
@@ -32,6 +32,9 @@ class RouterTelemetryCallback(TrainerCallback):
     Statistics come from the forward passes of training steps, padding excluded, averaged over forwards. Under
     distributed training they are summed over the processes first, so every process logs the global figures, and
     the main process alone writes the files.
+
+    The statistics are read from what each training forward returns (`router_stats`), by a forward hook on the
+    model that the callback holds from the start to the end of training.
     """
 
     def __init__(self, k_schedule: tuple[int, int] | None = None, output_dir: str | None = None):
@@ -40,17 +43,17 @@ class RouterTelemetryCallback(TrainerCallback):
         self._layer_names = None
         self._window, self._window_forwards = None, 0  # sums of [layers, 3 + experts] since the last log
         self._totals, self._forwards = None, 0  # the same over the whole run
+        self._hook = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        moe_model = _moe_model(model)
+        self._layer_names = [name for name, m in moe_model.named_modules() if isinstance(m, MoeFeedForward)]
+        self._hook = moe_model.register_forward_hook(self._collect)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if self.k_schedule is not None:
-            config = _moe_config(model)
+            config = _moe_model(model).config
             config.num_experts_per_tok = hyperrouter_k(state.global_step, state.max_steps, *self.k_schedule)
-
-    def on_substep_end(self, args, state, control, model=None, **kwargs):
-        self._collect(model)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        self._collect(model)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if self._window is None or logs is None or "loss" not in logs:
@@ -63,6 +66,9 @@ class RouterTelemetryCallback(TrainerCallback):
             state.log_history[-1].update(stats)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         if self._totals is None:
             return
         self._totals, self._forwards = _sum_over_processes(self._totals, self._forwards, args.device)
@@ -80,7 +86,8 @@ class RouterTelemetryCallback(TrainerCallback):
         }
         with _replaced_when_complete(os.path.join(output_dir, "router_stats.json")) as path, open(path, "w") as f:
             json.dump(stats, f, indent=2)
-        figure = expert_usage_figure(mean[:, LOAD], self._layer_names, _moe_config(model).model_type, state.global_step)
+        family = _moe_model(model).config.model_type
+        figure = expert_usage_figure(mean[:, LOAD], self._layer_names, family, state.global_step)
         with _replaced_when_complete(os.path.join(output_dir, "expert_usage.png")) as path:
             figure.savefig(path, dpi=120, format="png")
 
@@ -90,18 +97,15 @@ class RouterTelemetryCallback(TrainerCallback):
             return None
         return float(self._totals[:, EXPERTS].mean() / self._forwards)
 
-    def _collect(self, model):
-        blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, MoeFeedForward)]
-        outputs = [(name, b.layer_output) for name, b in blocks if b.layer_output is not None and b.training]
-        if not outputs:
+    def _collect(self, model, args, output):
+        """Forward hook: adds the per-layer statistics of one training forward (its MoE layers, in call order)."""
+        stats = getattr(output, "router_stats", None)
+        if not model.training or not stats:
             return
         rows = torch.stack([
             torch.cat([o.aux_loss.view(1), o.entropy_loss.view(1), o.mean_experts_per_token.view(1), o.expert_load])
-            for _, o in outputs
+            for o in stats
         ]).detach().double().cpu()  # [layers, 3 + experts]
-        for _, block in blocks:
-            block.layer_output = None  # each forward is counted once
-        self._layer_names = [name for name, _ in outputs]
         self._window = rows if self._window is None else self._window + rows
         self._totals = rows if self._totals is None else self._totals + rows
         self._window_forwards += 1
@@ -147,11 +151,11 @@ def _replaced_when_complete(path):
             os.remove(partial)
 
 
-def _moe_config(model):
-    """The hf-moe config under PEFT/DDP wrappers."""
-    while not hasattr(model, "moe_blocks"):
+def _moe_model(model) -> MoePreTrainedModel:
+    """The hf-moe model under PEFT/DDP wrappers."""
+    while not isinstance(model, MoePreTrainedModel):
         model = getattr(model, "module", None) or model.get_base_model()
-    return model.config
+    return model
 
 
 def expert_usage_figure(load, layer_names, family: str, step: int):

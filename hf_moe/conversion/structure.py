@@ -1,0 +1,100 @@
+"""What every conversion needs to know about the models it maps: the family config over a source's backbone config,
+the hf-moe head of a checkpoint, where a module sits, how the parameters a conversion adds start, and why a
+converted model does not compute its source's function."""
+
+import copy
+import zlib
+
+import torch
+
+from ..modeling import (
+    CUSTOM_INIT_MODULES,
+    FAMILY_CONFIG_CLASSES,
+    HEADS,
+    HyperExpertGenerator,
+)
+
+
+def build_moe_config(dense_config, family: str, num_experts: int, num_experts_per_tok: int, moe_layers, **options):
+    """The family config over `dense_config`, renormalised top-k by default so that upcycling preserves the function."""
+    if family not in FAMILY_CONFIG_CLASSES:
+        raise ValueError(f"Unknown family {family!r}; choose one of {', '.join(FAMILY_CONFIG_CLASSES)}.")
+    if family != "dynamic_moe":
+        options.setdefault("norm_topk_prob", True)
+    text_config = copy.deepcopy(dense_config)
+    if hasattr(text_config, "quantization_config"):
+        del text_config.quantization_config  # the MoE is built unquantised (GGUF sources arrive dequantised)
+    return FAMILY_CONFIG_CLASSES[family](
+        text_config=text_config,
+        num_experts=num_experts,
+        num_experts_per_tok=num_experts_per_tok,
+        moe_layers=moe_layers,
+        dtype=dense_config.dtype,
+        # task fields live on the wrapper config (it hands them to the backbone): keep the dense head's labels
+        id2label=dense_config.id2label,
+        label2id=dense_config.label2id,
+        problem_type=dense_config.problem_type,
+        **options,
+    )
+
+
+def head_of(config, architecture: str | None = None) -> str | None:
+    """The hf-moe head whose transformers class for `config` is `architecture` (default: the checkpoint's first), e.g.
+    `BertModel` -> "Model"; None if no head is."""
+    architecture = architecture or (config.architectures or [None])[0]
+    for head, auto_class in HEADS.items():
+        model_class = auto_class._model_mapping.get(type(config), None)
+        if model_class is not None and model_class.__name__ == architecture:
+            return head
+    return None
+
+
+def module_path(root, module) -> str:
+    """The name of `module` in `root.named_modules()`."""
+    for path, candidate in root.named_modules():
+        if candidate is module:
+            return path
+    raise KeyError(module)
+
+
+@torch.no_grad()
+def zero_hyper_expert(generator: HyperExpertGenerator):
+    """Make the HyperExpert add exactly 0 until trained, as an upcycled or converted model should at step 0, while
+    every head still learns: only the up-projection heads (W_up, b_up) are zeroed, so the output is 0 and the
+    up-projection gets gradient from the non-zero hidden activations; zeroing the down-projection too would leave
+    ReLU(0) in between, whose zero derivative would stop W_down and b_down (and W_up) from ever training (docs/upcycling.md §3)."""
+    for head in (generator.weight_up, generator.bias_up):
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+
+
+def init_seed(seed: int, path: str) -> int:
+    """The seed of the new module at `path`: each module draws the same numbers whatever else the model holds and in
+    whichever order modules are initialised, so streaming and in-memory conversions agree."""
+    return seed + zlib.crc32(path.encode())
+
+
+@torch.no_grad()
+def initialise_new_modules(model, seed: int, finish):
+    """Re-initialise every hf-moe module of a model built in memory as the streaming conversion does (own seed, own
+    `reset_parameters`, then `finish(module)`); the conversion then overwrites what it takes from its source."""
+    for path, module in model.named_modules():
+        if isinstance(module, CUSTOM_INIT_MODULES):
+            torch.manual_seed(init_seed(seed, path))
+            module.reset_parameters()
+            finish(module)
+
+
+def why_not_exact(config, zero_hyper_expert: bool, changes=()) -> str | None:
+    """Why a converted model of `config` will not compute its source's function at step 0 (float32, eval mode), or
+    None: the family's reasons (docs/upcycling.md §3), then the conversion's own `changes`."""
+    reasons = []
+    if config.model_type == "mh_moe":
+        reasons.append("MH-MoE experts act on d/h-wide sub-tokens, so they start fresh rather than as FFN copies")
+    if config.model_type == "dynamic_moe" and not config.norm_topk_prob:
+        reasons.append("top-p with raw probabilities scales each FFN output by its kept mass (norm_topk_prob=True fixes it)")
+    if config.model_type == "hypermoe" and not zero_hyper_expert:
+        reasons.append("HyperMoE adds a tiny generated adapter (about 1e-3 relative; zero_hyper_expert=True removes it)")
+    if config.expert_capacity_factor is not None:
+        reasons.append("the capacity rule (expert_capacity_factor) drops tokens")
+    return "; ".join([*reasons, *changes]) or None

@@ -1,7 +1,7 @@
 """Configs of the five hf-moe families. Each nests the dense backbone's config as `text_config` and adds MoE fields.
 
-Defaults are the "recommended defaults" of the specification (methods.md): top-k routing with k = 2, balance loss
-0.01 per MoE layer, dropless, no jitter. Values are checked at construction and errors name the field.
+Defaults (docs/topk.md §5 and each family's §5): top-k routing with k = 2, balance loss 0.01 per MoE layer,
+dropless, no jitter. Values are checked at construction and errors name the field.
 """
 
 import copy
@@ -30,7 +30,7 @@ class MoeConfig(PreTrainedConfig):
             layer 1, as in Switch Transformers).
         moe_intermediate_size (`int`, *optional*): inner width of each expert (default: the dense FFN's).
         norm_topk_prob (`bool`, *optional*): renormalise the k selected probabilities to sum to 1. `None` means on
-            for k >= 2 and off for k = 1 (Switch: weight = p_max), methods.md §1.
+            for k >= 2 and off for k = 1 (Switch: weight = p_max), docs/topk.md §2.
         router_aux_loss_coef (`float`, defaults to 0.01): weight of the load-balancing loss, summed over MoE layers.
         router_z_loss_coef (`float`, defaults to 0.0): weight of the ST-MoE router z-loss.
         router_jitter_noise (`float`, defaults to 0.0): multiplicative U(1-eps, 1+eps) noise on the router input,
@@ -134,7 +134,7 @@ class MoeConfig(PreTrainedConfig):
         return layer_idx % self.moe_layer_frequency == self.moe_layer_frequency - 1
 
     def normalize_topk(self, top_k: int) -> bool:
-        """Whether the selected probabilities are renormalised at this k (methods.md §1)."""
+        """Whether the selected probabilities are renormalised at this k (docs/topk.md §2)."""
         return top_k >= 2 if self.norm_topk_prob is None else self.norm_topk_prob
 
 

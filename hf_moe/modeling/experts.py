@@ -1,10 +1,10 @@
 """Fused experts on transformers' experts contract (`@use_experts_implementation`).
 
-All experts of a layer live in 3-D parameters ([E, out, in], transformers-v5.md §1), so transformers' `grouped_mm`
+All experts of a layer live in 3-D parameters ([E, out, in], docs/backbones.md §3), so transformers' `grouped_mm`
 and `batched_mm` backends run them unchanged. The class's own forward is the `eager` backend: pairs sorted by expert
 and one plain matmul per expert. It differs from transformers' eager loop in one way that matters on CPU: it unbinds
 each 3-D parameter once, so backward writes one gradient buffer instead of one full [E, ...] buffer per expert
-(transformers-v5.md §8: that indexing is the 1.3x backward penalty of transformers' `eager`).
+(docs/backbones.md §3: that indexing is the 1.3x backward penalty of transformers' `eager`).
 """
 
 from dataclasses import dataclass
@@ -146,7 +146,7 @@ def build_experts(config, ffn: FfnSpec, num_experts: int) -> SortedLoopExperts:
     cls = GatedExperts if ffn.gated else BiasedExperts if ffn.bias else PlainExperts
     experts = cls(config, ffn, num_experts)
     # transformers' grouped_mm/batched_mm zero the sentinel rows only under expert parallelism
-    # (transformers-v5.md §1); without this flag NaN*0 from uninitialised rows can leak into the output.
+    # (docs/backbones.md §3); without this flag NaN*0 from uninitialised rows can leak into the output.
     experts._is_expert_parallel = True
     experts.reset_parameters()
     return experts

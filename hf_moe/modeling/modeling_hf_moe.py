@@ -5,7 +5,7 @@ Classes are named `<Family><Head>` (e.g. `HyperMoeForSequenceClassification`), d
 (generated from `FAMILIES` and `HEADS` below by utils/generate_model_classes.py). Every head adds
 `router_aux_loss_coef * aux_loss` (+ z-loss and entropy terms) to the task loss and returns `aux_loss`, and with
 `output_router_logits=True` the router logits of every MoE layer (transformers' generic MoE classification heads
-drop both, transformers-v5.md §2).
+drop both, docs/topk.md §3).
 
 The experts classes are decorated with `@use_experts_implementation` in `experts.py`; this file overrides
 `_can_set_experts_implementation` instead of relying on transformers' source-text check.
@@ -217,7 +217,7 @@ class MoePreTrainedModel(PreTrainedModel):
         generators = nn.ModuleDict()
         for stack, layers in adapter.stacks(self.backbone).items():
             extra = ()
-            if self.layer_class is HyperMoeLayer:  # one generator per stack (methods.md §2.3)
+            if self.layer_class is HyperMoeLayer:  # one generator per stack (docs/hypermoe.md §2)
                 generators[stack] = HyperExpertGenerator(config, ffn.hidden_size, len(layers))
                 extra = (_StackGenerator(generators, stack),)
             for idx, layer in enumerate(layers):
@@ -242,7 +242,7 @@ class MoePreTrainedModel(PreTrainedModel):
         return True
 
     def get_correct_experts_implementation(self, requested_experts):
-        # our eager path (sorted loop over experts) reaches the dense floor on CPU (transformers-v5.md §8)
+        # our eager path (sorted loop over experts) reaches the dense floor on CPU (docs/backbones.md §3)
         return super().get_correct_experts_implementation(requested_experts or "eager")
 
     def initialize_weights(self):

@@ -1,5 +1,5 @@
 """Dynamic top-p routing (Huang et al., "Harder Tasks Need More Experts", ACL 2024; official inference code
-ZhenweiAn/Dynamic_MoE `top_p_sampling_batched_all_sequence`), methods.md §5.
+ZhenweiAn/Dynamic_MoE `top_p_sampling_batched_all_sequence`), docs/dynamic.md §2.
 
 Departure from the official code: softmax, sort and cumsum run in float32 (the code uses the model dtype, and bf16
 cumsums can flip the set at the threshold). Training losses follow the paper: balance counting every selected

@@ -1,10 +1,10 @@
 """HyperMoE (Zhao et al., ACL 2024, arXiv 2402.12656; official code Bumble666/Hyper_MoE
-`adapter_generators.py`, `modeling_switch_transformers.py`), methods.md §2.
+`adapter_generators.py`, `modeling_switch_transformers.py`), docs/hypermoe.md §2.
 
 Each token gets, besides its top-k experts, a bottleneck adapter (the HyperExpert) whose weights a hypernetwork
 generates from the sum of the embeddings of the experts the token did NOT select. The generated weights depend on
 the token only through its selected set, so we generate once per distinct set in the batch and apply the adapters
-grouped (methods.md §2.4): the same math as per-token generation, without a [tokens, d, r] tensor.
+grouped (docs/hypermoe.md §7): the same math as per-token generation, without a [tokens, d, r] tensor.
 
 Departures from the official code: general k (the Switch code has k = 1); the tiny generator init is kept for every
 backbone (the GPT-2 variant's generic init overwrites it); no jitter on the experts' input.
@@ -66,7 +66,7 @@ class HyperExpertGenerator(nn.Module):
 
 
 class HyperMoeLayer(TopKMoeLayer):
-    """Top-k MoE output plus the HyperExpert of the token's unselected experts (unweighted sum, methods.md §2.1).
+    """Top-k MoE output plus the HyperExpert of the token's unselected experts (unweighted sum, docs/hypermoe.md §2).
 
     `generator` is shared by the layers of a stack and owned by the model, so it is held here unregistered.
     """

@@ -1,5 +1,5 @@
 """HyperRouter (Do et al., EMNLP 2023; official code giangdip2410/HyperRouter `custom_gate.py`): a frozen random
-hypernetwork generates each layer's router weight and bias from a small trainable embedding (methods.md §3).
+hypernetwork generates each layer's router weight and bias from a small trainable embedding (docs/hyperrouter.md §2).
 
 Departures from the official code: the hypernetwork is held as buffers saved with the model (so the router is
 reproducible without RNG state, and no loader, optimizer or PEFT wrapper can make it trainable), and k is fixed unless

@@ -1,5 +1,5 @@
 """Multi-Head MoE (Wu et al. 2024, arXiv 2404.15045, Algorithm 1; v2: Huang et al., arXiv 2411.16205 §2.2;
-official code yushuiwx/MH-MoE `tutel_moe_layer.py`), methods.md §4.
+official code yushuiwx/MH-MoE `tutel_moe_layer.py`), docs/mh_moe.md §2.
 
 Departures from paper v1: the residual stays outside the merge (official code), so h = 1 is exactly the top-k
 baseline; routing is the linear softmax of §1 (not the X-MoE cosine router); dropless unless a capacity is set.

@@ -1,4 +1,4 @@
-"""The top-k sparse MoE layer (methods.md §1), and the template every other family specialises.
+"""The top-k sparse MoE layer (docs/topk.md §2), and the template every other family specialises.
 
 A family changes one step of `forward`: how logits are made (`router_class`), how experts are chosen (`select`),
 what is computed from the choice (`moe_output`), or which statistics are reported (`router_losses`).
@@ -62,7 +62,7 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        # N(0, initializer_range): a zero router ties every token to the same top-k experts (methods.md §1)
+        # N(0, initializer_range): a zero router ties every token to the same top-k experts (docs/topk.md §4)
         init.normal_(self.weight, std=self.initializer_range)
 
     def forward(self, x):

@@ -1,4 +1,4 @@
-"""Routing rules and router losses shared by every family (methods.md §1, §5).
+"""Routing rules and router losses shared by every family (docs/topk.md §2-§3, docs/dynamic.md §2-§3).
 
 Selections are `[T, k]` index tensors; a slot holding `num_experts` is a sentinel (no expert, weight 0), used for
 top-p padding and capacity drops. Statistics take an optional boolean `token_mask` [T] and ignore masked tokens.

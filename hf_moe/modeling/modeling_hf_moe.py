@@ -380,6 +380,7 @@ class MoePreTrainedModel(PreTrainedModel):
                 runs.append([idx, idx])
         moe_layers = ", ".join(f"{first}-{last}" if last > first else f"{first}" for first, last in runs)
         head, auto_class = type(self).__name__, self.auto_class.__name__
+        package = "hf_moe"  # named in the card's text only: this file imports nothing of the package
         card = f"""---
 library_name: transformers
 tags:
@@ -402,7 +403,7 @@ A `{config.model_type}` mixture-of-experts model (`{head}`) over a `{text_config
 With hf-moe installed (`pip install hf-moe`), importing it registers the family with transformers:
 
 ```python
-import hf_moe
+import {package}
 from transformers import {auto_class}
 
 model = {auto_class}.from_pretrained("<this repository or folder>")

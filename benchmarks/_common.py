@@ -97,8 +97,9 @@ def bench_round_robin(cases: dict, *, repeats: int, warmup: int = 1, seed: int =
 
     Contention guard: a call during which other processes used more than `max_foreign` cores (this machine has 2,
     shared with other agents' jobs) is discarded and rerun, at most `retries` times and only while the discarded
-    time stays below half the kept time (so the guard costs at most 1.5x); the last try is kept whatever the load. Returns {name: [seconds per round]}; rounds stop early (not below `min_repeats`) once `budget_s` is
-    spent. `stats`, if given, receives the foreign load of the kept calls and the number of discarded tries.
+    time stays below half the kept time (so the guard costs at most 1.5x); the last try is kept whatever the load.
+    Returns {name: [seconds per round]}; rounds stop early (not below `min_repeats`) once `budget_s` is spent.
+    `stats`, if given, receives the foreign load of the kept calls and the number of discarded tries.
     """
     names = list(cases)
     for _ in range(warmup):
@@ -166,7 +167,10 @@ def fmt_ratio(r: dict | None) -> str:
 
 
 def md_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+    ]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 

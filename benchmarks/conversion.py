@@ -242,8 +242,9 @@ def main():
          "pass": result["rss_above_imports_vs_largest_shard"] <= 3.0},
         {"target": "time <= 3 x plain copy of the output bytes", "value": result["convert_vs_copy"]["median"],
          "bound": 3.0, "pass": result["convert_vs_copy"]["median"] <= 3.0},
-        {"target": "(info, stricter) time <= 3 x writing the output bytes", "value": result["convert_vs_write"]["median"],
-         "bound": 3.0, "pass": result["convert_vs_write"]["median"] <= 3.0},
+        {"target": "(info, stricter) time <= 3 x writing the output bytes",
+         "value": result["convert_vs_write"]["median"], "bound": 3.0,
+         "pass": result["convert_vs_write"]["median"] <= 3.0},
     ]
     payload = {"benchmark": "conversion", "machine": info, "quick": quick, "result": result}
     write_results("conversion", payload, markdown(result, info, quick), quick)
@@ -261,10 +262,12 @@ def markdown(res, info, quick):
         "# Conversion benchmark", "", machine_markdown(info), "",
         f"Command: `python -m benchmarks.conversion{' --quick' if quick else ''}`. Source: random fp32 Llama "
         f"(hidden {c['hidden_size']}, intermediate {c['intermediate_size']}, {res['layers']} layers, vocab "
-        f"{c['vocab_size']}), {gb(res['source_bytes'])} in {res['source_shards']} shards; output `topk_moe`, 8 experts, "
-        f"top-2, max_shard_size {gb(res['max_shard_size'])}: {gb(res['output_bytes'])} in {res['output_shards']} "
-        f"shards, largest {gb(res['largest_output_shard'])}. {len(res['rounds'])} round(s); every operation runs in its "
-        "own subprocess and is timed there up to and including `os.sync()`; peak RSS is the child's ru_maxrss." + (f" Note: {res['note']}." if res["note"] else ""), "",
+        f"{c['vocab_size']}), {gb(res['source_bytes'])} in {res['source_shards']} shards; output `topk_moe`, "
+        f"8 experts, top-2, max_shard_size {gb(res['max_shard_size'])}: {gb(res['output_bytes'])} in "
+        f"{res['output_shards']} shards, largest {gb(res['largest_output_shard'])}. {len(res['rounds'])} round(s); "
+        "every operation runs in its own subprocess and is timed there up to and including `os.sync()`; peak RSS is "
+        "the child's ru_maxrss."
+        + (f" Note: {res['note']}." if res["note"] else ""), "",
         md_table(["operation", "seconds", "peak RSS", "vs plain copy", "vs pure write"], [
             ["upcycle() call + sync (in the child, after imports)", t(res["convert_s"]),
              f"{gb(res['convert_peak_rss'])} ({gb(res['baseline_rss'])} after imports)",
@@ -283,7 +286,12 @@ def markdown(res, info, quick):
         + (" In --quick mode the RSS target is not meaningful: the interpreter with torch and transformers imported "
            "already holds ~0.4 GB, far more than 3 x a 16 MB shard." if quick else ""), "",
         md_table(["target", "measured", "bound", "result"], [
-            [x["target"], f"{x['value']:.2f}", x["bound"], "n/a (quick)" if x["pass"] is None else "pass" if x["pass"] else "**miss**"]
+            [
+                x["target"],
+                f"{x['value']:.2f}",
+                x["bound"],
+                "n/a (quick)" if x["pass"] is None else "pass" if x["pass"] else "**miss**",
+            ]
             for x in res["targets"]
         ]), "",
     ]

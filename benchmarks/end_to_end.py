@@ -23,6 +23,18 @@ import argparse
 import logging
 
 import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+from transformers.utils import logging as hf_logging
+
+import hf_moe  # noqa: F401  (registers the families)
+from hf_moe.conversion import upcycle_model
+
 from ._common import (
     bench_round_robin,
     contention_summary,
@@ -36,12 +48,6 @@ from ._common import (
     summary,
     write_results,
 )
-from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, LlamaConfig
-from transformers import LlamaForCausalLM
-from transformers.utils import logging as hf_logging
-
-import hf_moe  # noqa: F401  (registers the families)
-from hf_moe.conversion import upcycle_model
 
 FAMILIES = ["topk_moe", "hyperrouter", "hypermoe", "mh_moe", "dynamic_moe"]
 

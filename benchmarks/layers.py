@@ -26,6 +26,14 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from transformers import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+import hf_moe
+from hf_moe import FfnSpec
+from hf_moe.modeling.routing import top_p_routing
+
 from ._common import (
     bench_round_robin,
     contention_summary,
@@ -40,13 +48,6 @@ from ._common import (
     summary,
     write_results,
 )
-from torch import nn
-from transformers import MixtralConfig
-from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
-import hf_moe
-from hf_moe import FfnSpec
-from hf_moe.modeling.routing import top_p_routing
 
 NUM_EXPERTS, TOP_K = 8, 2
 
@@ -271,7 +272,9 @@ TARGETS = [
 
 
 def run_size(label, hidden, intermediate, tokens, repeats, budget_s, all_impls, wide):
-    print(f"== {label}: hidden {hidden}, expert FFN {intermediate}, {NUM_EXPERTS} experts, top-{TOP_K}, {tokens} tokens")
+    print(
+        f"== {label}: hidden {hidden}, expert FFN {intermediate}, {NUM_EXPERTS} experts, top-{TOP_K}, {tokens} tokens"
+    )
     cases = build_cases(hidden, intermediate, tokens, all_impls, wide=wide)
     callables = {}
     for case in cases:
@@ -335,7 +338,8 @@ def markdown(results, info, args):
                 extra.append(f"p = {info_['router_top_p']}")
             if "experts" in info_:
                 extra.append(f"h={info_['heads']}, {info_['experts']} experts x {info_['expert_width']}, "
-                             f"MACs/token {info_['macs_per_token'] / 1e6:.2f}M vs {info_['baseline_macs_per_token'] / 1e6:.2f}M, "
+                             f"MACs/token {info_['macs_per_token'] / 1e6:.2f}M "
+                             f"vs {info_['baseline_macs_per_token'] / 1e6:.2f}M, "
                              f"params {info_['params'] / 1e6:.1f}M vs {info_['baseline_params'] / 1e6:.1f}M")
             if "selection_sets" in info_:
                 extra.append(f"{info_['selection_sets']} selection sets")

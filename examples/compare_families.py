@@ -3,11 +3,12 @@
     python examples/compare_families.py --data-dir ../shared/data --output-dir runs/compare
     python examples/compare_families.py --tasks sst2,cb --seeds 0 --families topk_moe --output-dir runs/small
 
-Each (task, model, seed) is one `hf_moe.training.glue.finetune` run (8 experts, top-2; dynamic_moe p = 0.4 with
-renormalised weights) on a CPU-sized preset (`PRESETS`: train subset, max_length, epochs; lr 1e-4, batch 16), evaluated
-on the task's full dev split. Results are appended to `<output-dir>/results.jsonl` as runs finish, so an interrupted
-sweep resumes where it stopped; `results.md` (the table) is rewritten at the end. `--workers N` runs N processes of
-`--threads` torch threads each (2 x 1 is ~1.3x the throughput of 1 x 2 on a 2-core CPU).
+Each (task, model, seed) is one `hf_moe.training.finetune.finetune` run (8 experts, top-2 unless `--num-experts`,
+`--top-k`; dynamic_moe p = 0.4 with renormalised weights) on a CPU-sized preset (`PRESETS`: train subset, max_length,
+epochs; lr 1e-4, batch 16), evaluated on the task's full dev split. Results are appended to
+`<output-dir>/results.jsonl` as runs finish, so an interrupted sweep resumes where it stopped; `results.md` (the table)
+is rewritten at the end. `--workers N` runs N processes of `--threads` torch threads each (2 x 1 is ~1.3x the
+throughput of 1 x 2 on a 2-core CPU).
 """
 
 import argparse
@@ -19,7 +20,8 @@ import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 
-from hf_moe.quickstart import FAMILIES, FAMILY_OPTIONS, default_model_path
+from hf_moe.options import add_expert_count_arguments
+from hf_moe.quickstart import FAMILIES, MOE_OPTIONS, default_model_path
 
 # task: (train subset, max_length, epochs); dev splits are used in full
 PRESETS = {"sst2": (1024, 64, 1.0), "rte": (384, 64, 1.0), "mrpc": (1024, 64, 1.0), "cb": (250, 64, 3.0)}
@@ -28,15 +30,16 @@ PRESETS = {"sst2": (1024, 64, 1.0), "rte": (384, 64, 1.0), "mrpc": (1024, 64, 1.
 def run_one(job, threads):
     import torch
 
-    from hf_moe.training.glue import finetune
+    from hf_moe.training.finetune import finetune
 
     torch.set_num_threads(threads)
-    task, family, seed, model, data_dir, output_dir, lr, (samples, max_length, epochs) = job
+    task, family, seed, model, data_dir, output_dir, lr, (num_experts, top_k), (samples, max_length, epochs) = job
     result = finetune(
         model, task, family=None if family == "dense" else family, data_dir=data_dir,
         output_dir=os.path.join(output_dir, "runs", f"{task}-{family}-{seed}"), max_train_samples=samples,
-        max_length=max_length, epochs=epochs, lr=lr, batch_size=16, seed=seed, num_experts=8, top_k=2,
-        training_args={"disable_tqdm": True, "per_device_eval_batch_size": 64}, **FAMILY_OPTIONS.get(family, {}),
+        max_length=max_length, epochs=epochs, lr=lr, batch_size=16, seed=seed, num_experts=num_experts, top_k=top_k,
+        training_args={"disable_tqdm": True, "per_device_eval_batch_size": 64},
+        **(MOE_OPTIONS if family != "dense" else {}),
     )
     return {"seed": seed, **result}
 
@@ -71,9 +74,14 @@ def markdown(rows, tasks, models):
         cells = [mean_std([r[key] for r in mine if r["task"] == task and not math.isnan(r[key])], len(seeds))
                  for task, key in columns]
         sst2 = [r for r in mine if r["task"] == tasks[0]] or mine
-        cells += [f"{sst2[0]['total_params'] / 1e6:.1f}M", f"{statistics.mean(r['active_params'] for r in sst2) / 1e6:.1f}M"]
+        cells += [
+            f"{sst2[0]['total_params'] / 1e6:.1f}M",
+            f"{statistics.mean(r['active_params'] for r in sst2) / 1e6:.1f}M",
+        ]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    presets = ", ".join(f"{t} {PRESETS[t][0]} train / max_length {PRESETS[t][1]} / {PRESETS[t][2]:g} epoch(s)" for t in tasks)
+    presets = ", ".join(
+        f"{t} {PRESETS[t][0]} train / max_length {PRESETS[t][1]} / {PRESETS[t][2]:g} epoch(s)" for t in tasks
+    )
     lines += ["", f"Mean ± sample std over seeds {seeds}, in %, on the full dev split. Presets: {presets}."]
     return "\n".join(lines)
 
@@ -89,6 +97,7 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--max-train-samples", type=int, help="override every preset's train subset")
     p.add_argument("--max-length", type=int, help="override every preset's max_length")
+    add_expert_count_arguments(p)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     args = p.parse_args(argv)
@@ -107,7 +116,8 @@ def main(argv=None):
     for task in tasks:
         samples, max_length, epochs = PRESETS[task]
         PRESETS[task] = (args.max_train_samples or samples, args.max_length or max_length, epochs)
-    jobs = [(t, m, s, model, args.data_dir, args.output_dir, args.lr, PRESETS[t]) for s in seeds for t in tasks
+    experts = (args.num_experts, args.top_k)
+    jobs = [(t, m, s, model, args.data_dir, args.output_dir, args.lr, experts, PRESETS[t]) for s in seeds for t in tasks
             for m in models if (t, m, s) not in done]
     print(f"{len(jobs)} runs to do ({len(done)} already in {results_path})", flush=True)
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:

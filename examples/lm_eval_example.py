@@ -15,26 +15,27 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_moe  # noqa: F401  (registers the families with the Auto classes)
 from hf_moe.conversion import upcycle_model
+from hf_moe.options import add_moe_arguments, moe_arguments
 
 
-def load_model(path, family=None, num_experts=8, top_k=2, **family_options):
-    """A causal LM: the checkpoint itself (dense or hf-moe), or the dense checkpoint upcycled into `family`."""
+def load_model(path, family=None, **upcycle_kwargs):
+    """A causal LM: the checkpoint itself (dense or hf-moe), or the dense checkpoint upcycled into `family`
+    (`upcycle_kwargs`: `upcycle_model`'s keywords, e.g. num_experts, num_experts_per_tok, router_top_p)."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if family is not None:
-        model = upcycle_model(model, family, num_experts=num_experts, num_experts_per_tok=top_k, **family_options)
+        model = upcycle_model(model, family, **upcycle_kwargs)
     return model.eval()
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="causal checkpoint (dense decoder or hf-moe)")
-    p.add_argument("--family", help="upcycle the dense checkpoint into this family first")
-    p.add_argument("--num-experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--tasks", default="hellaswag", help="comma-separated lm_eval task names")
     p.add_argument("--limit", type=int, default=50, help="examples per task")
     p.add_argument("--batch-size", type=int, default=8)
+    add_moe_arguments(p, family_help="upcycle the dense checkpoint into this family first")
     args = p.parse_args(argv)
+    moe = moe_arguments(args)
 
     try:
         import lm_eval
@@ -42,7 +43,7 @@ def main(argv=None):
     except ImportError as error:
         raise SystemExit("this example needs lm-evaluation-harness: pip install lm-eval") from error
 
-    model = load_model(args.model, args.family, args.num_experts, args.top_k)
+    model = load_model(args.model, moe.family, **moe.upcycle_kwargs())
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)  # a model object, not a name
     results = lm_eval.simple_evaluate(model=lm, tasks=args.tasks.split(","), limit=args.limit)

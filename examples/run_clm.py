@@ -26,15 +26,13 @@ from transformers import (
 
 import hf_moe  # noqa: F401
 from hf_moe.conversion import UpcycleOptions, upcycle_model
+from hf_moe.options import add_moe_arguments, moe_arguments
 from hf_moe.training import RouterTelemetryCallback
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="dense decoder checkpoint, or an hf-moe causal checkpoint")
-    p.add_argument("--family", help="upcycle the dense checkpoint into this family first")
-    p.add_argument("--num-experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--train-file", required=True, help="local text file")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--block-size", type=int, default=128)
@@ -43,16 +41,17 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-model", action="store_true")
+    add_moe_arguments(p, family_help="upcycle the dense checkpoint into this family first")
     args = p.parse_args(argv)
+    moe = moe_arguments(args)
 
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    if args.family:
-        model = upcycle_model(model, args.family, num_experts=args.num_experts, num_experts_per_tok=args.top_k,
-                              options=UpcycleOptions(seed=args.seed))
+    if moe.family:
+        model = upcycle_model(model, moe.family, options=UpcycleOptions(seed=args.seed), **moe.upcycle_kwargs())
     is_moe = hasattr(model, "moe_blocks")
 
     raw = load_dataset("text", data_files={"train": args.train_file})["train"]

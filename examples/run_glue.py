@@ -1,5 +1,5 @@
 """Fine-tune a dense checkpoint or its upcycled MoE on a GLUE/SuperGLUE task (thin wrapper over
-`hf_moe.training.glue.finetune`).
+`hf_moe.training.finetune.finetune`).
 
     python examples/run_glue.py --model sentence-transformers/all-MiniLM-L6-v2 --task rte --family hypermoe \
         --data-dir ../shared/data --output-dir runs/rte-hypermoe --epochs 3
@@ -10,29 +10,19 @@ Prints the result dict as JSON (rank 0); `--checksum-file` writes every rank's p
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 
-from hf_moe.training.glue import finetune
-
-
-def _value(text):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+from hf_moe.options import add_moe_arguments, moe_arguments
+from hf_moe.training.finetune import finetune
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="dense checkpoint folder or Hub id")
     p.add_argument("--task", required=True, help="task name (hf_moe.tasks.TASKS)")
-    p.add_argument("--family", help="hf-moe model type; omit for the dense baseline")
-    p.add_argument("--num-experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--router-top-p", type=float)
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="family config field (JSON value)")
     p.add_argument("--data-dir", help="local GLUE/SuperGLUE folder (default $HF_MOE_DATA_DIR, else the Hub)")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--max-train-samples", type=int)
@@ -47,19 +37,15 @@ def main(argv=None):
     p.add_argument("--no-telemetry", action="store_true")
     p.add_argument("--save-model", action="store_true", help="save the trained model and tokenizer in --output-dir")
     p.add_argument("--checksum-file", help="write this rank's parameter sha256 to FILE.rank<RANK>")
+    add_moe_arguments(p)
     args = p.parse_args(argv)
-    family_options = {}
-    for item in args.set:
-        name, _, value = item.partition("=")
-        family_options[name] = _value(value)
     try:
         result = finetune(
-            args.model, args.task, family=args.family, num_experts=args.num_experts, top_k=args.top_k,
-            router_top_p=args.router_top_p, data_dir=args.data_dir, output_dir=args.output_dir,
+            args.model, args.task, data_dir=args.data_dir, output_dir=args.output_dir,
             max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, epochs=args.epochs,
             max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
             seed=args.seed, peft=args.peft, telemetry=not args.no_telemetry, checksum=bool(args.checksum_file),
-            save_model=args.save_model, **family_options,
+            save_model=args.save_model, **dataclasses.asdict(moe_arguments(args)),
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"run_glue.py: error: {error}", file=sys.stderr)

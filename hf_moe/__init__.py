@@ -9,30 +9,38 @@ reached.
 import importlib
 import importlib.abc
 import importlib.util
+import os
 import sys
 
 __version__ = "0.1.0"
 
-# model type -> class-name prefix. Light for the CLI; a test ties it to `hf_moe.modeling.FAMILY_BY_MODEL_TYPE`.
-FAMILY_NAMES = {
-    "topk_moe": "TopKMoe",
-    "hypermoe": "HyperMoe",
-    "hyperrouter": "HyperRouter",
-    "mh_moe": "MultiHeadMoe",
-    "dynamic_moe": "DynamicMoe",
-}
+
+def _read_registry() -> dict:
+    """`REGISTRY` of hf_moe/modeling/registry.py (model type -> class prefix, module), read without importing
+    hf_moe.modeling, which loads torch: the command line lists the families before loading them."""
+    spec = importlib.util.spec_from_file_location(
+        f"{__name__}._registry_table", os.path.join(os.path.dirname(__file__), "modeling", "registry.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.REGISTRY
+
+
+_REGISTRY = _read_registry()
+FAMILY_NAMES = tuple(_REGISTRY)  # the model types of the families, in registry order
+_CLASS_PREFIXES = [prefix for prefix, _ in _REGISTRY.values()]
 _HEADS = ("Model", "ForCausalLM", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification",
           "ForQuestionAnswering", "ForMultipleChoice", "ForConditionalGeneration")  # `hf_moe.modeling.HEADS`
-_MODEL_CLASSES = [prefix + head for prefix in FAMILY_NAMES.values() for head in _HEADS]
+_MODEL_CLASSES = [prefix + head for prefix in _CLASS_PREFIXES for head in _HEADS]
 _FROM_MODELING = [
     "ADAPTERS", "HEADS", "MODEL_CLASSES", "DynamicMoeConfig", "DynamicMoeLayer", "FfnSpec", "HyperExpertGenerator",
     "HyperMoeConfig", "HyperMoeLayer", "HyperRouterConfig", "HyperRouterLayer", "MoeConfig", "MoeLayerOutput",
-    "MoePreTrainedModel", "MultiHeadMoeConfig", "MultiHeadMoeLayer", "TopKMoeConfig", "TopKMoeLayer",
-    "mh_moe_matched_sizes",
+    "MoeFamily", "MoePreTrainedModel", "MultiHeadMoeConfig", "MultiHeadMoeLayer", "TopKMoeConfig", "TopKMoeLayer",
+    "all_families", "get_family", "mh_moe_matched_sizes",
 ]
 _FROM_CONVERSION = ["UpcycleOptions", "convert_moe", "upcycle", "upcycle_model"]
 
-__all__ = ["FAMILY_CONFIGS", "FAMILY_NAMES", *_FROM_MODELING, *_MODEL_CLASSES, *_FROM_CONVERSION]
+__all__ = ["FAMILY_NAMES", *_FROM_MODELING, *_MODEL_CLASSES, *_FROM_CONVERSION]
 
 
 def __getattr__(name):
@@ -40,9 +48,7 @@ def __getattr__(name):
         value = getattr(importlib.import_module(".conversion", __name__), name)
     elif name in __all__:
         modeling = importlib.import_module(".modeling", __name__)
-        if name == "FAMILY_CONFIGS":
-            value = tuple(modeling.FAMILY_CONFIG_CLASSES.values())
-        elif name in _MODEL_CLASSES:
+        if name in _MODEL_CLASSES:
             value = {cls.__name__: cls for cls in modeling.MODEL_CLASSES.values()}[name]
         else:
             value = getattr(modeling, name)
@@ -59,10 +65,10 @@ def __dir__():
 def _register_families():
     from transformers import AutoConfig
 
-    from .modeling import FAMILY_CONFIG_CLASSES, HEADS, MODEL_CLASSES
+    from .modeling import HEADS, MODEL_CLASSES, all_families
 
-    for model_type, config_class in FAMILY_CONFIG_CLASSES.items():
-        AutoConfig.register(model_type, config_class, exist_ok=True)
+    for model_type, family in all_families().items():
+        AutoConfig.register(model_type, family.config_class, exist_ok=True)
     for (_, head), model_class in MODEL_CLASSES.items():
         HEADS[head].register(model_class.config_class, model_class, exist_ok=True)
 

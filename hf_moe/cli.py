@@ -5,33 +5,10 @@ each command imports what it needs. Bad input ends in one line on stderr and exi
 """
 
 import argparse
-import json
 import sys
 
 from . import FAMILY_NAMES, quickstart
-
-BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
-
-
-def _bool(text: str) -> bool:
-    try:
-        return BOOLEANS[text.lower()]
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"expected true or false (or yes/no, on/off, 1/0), got {text!r}") from None
-
-
-def _int_list(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
-
-
-def _field(text: str) -> tuple[str, object]:
-    name, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"--set expects FIELD=VALUE, got {text!r}")
-    try:
-        return name, json.loads(value)
-    except json.JSONDecodeError:
-        return name, value
+from .options import add_moe_arguments, moe_arguments
 
 
 def upcycle(args) -> int:
@@ -42,17 +19,7 @@ def upcycle(args) -> int:
     from .conversion import UpcycleOptions, upcycle
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    family_options = {
-        name: value
-        for name, value in [
-            ("router_top_p", args.router_top_p),
-            ("moe_layer_frequency", args.moe_layer_frequency),
-            ("moe_num_heads", args.moe_num_heads),
-            ("norm_topk_prob", args.norm_topk_prob),
-        ]
-        if value is not None
-    }
-    family_options.update(dict(args.set))
+    moe = moe_arguments(args)
     try:
         options = UpcycleOptions(
             expert_noise_std=args.expert_noise_std,
@@ -65,17 +32,14 @@ def upcycle(args) -> int:
         path = upcycle(
             args.source,
             args.output,
-            args.family,
-            num_experts=args.num_experts,
-            num_experts_per_tok=args.top_k,
-            moe_layers=args.moe_layers,
+            moe.family,
             options=options,
             overwrite=args.overwrite,
             verify=args.verify,
             max_shard_size=convert_file_size_to_int(args.max_shard_size),
             revision=args.revision,
             gguf_file=args.gguf_file,
-            **family_options,
+            **moe.upcycle_kwargs(),
         )
     except (OSError, ValueError) as error:  # user problems: bad source or options, target exists, disk full, ...
         print(f"hf-moe upcycle: error: {error}", file=sys.stderr)
@@ -94,15 +58,15 @@ def smoke(args) -> int:
 
     import torch
 
-    from . import FAMILY_CONFIGS, MODEL_CLASSES
+    from .modeling import MODEL_CLASSES, all_families
 
     torch.manual_seed(0)
     input_ids = torch.randint(0, SMOKE_BACKBONE["vocab_size"], (8, 32))
     labels = torch.randint(0, 2, (8,))
     print(f"{'family':<14}{'params':>10}{'expert params':>15}{'loss':>9}{'aux loss':>10}{'ms/step':>9}")
-    for config_class in FAMILY_CONFIGS:
-        config = config_class(text_config=SMOKE_BACKBONE, num_experts=8, num_experts_per_tok=2, num_labels=2)
-        model = MODEL_CLASSES[FAMILY_NAMES[config.model_type], "ForSequenceClassification"](config)
+    for family in all_families().values():
+        config = family.config_class(text_config=SMOKE_BACKBONE, num_experts=8, num_experts_per_tok=2, num_labels=2)
+        model = MODEL_CLASSES[family.class_prefix, "ForSequenceClassification"](config)
         start = time.perf_counter()
         output = model(input_ids=input_ids, labels=labels)
         output.loss.backward()
@@ -125,17 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(run=upcycle)
     up.add_argument("source", help="local checkpoint folder or Hub model id")
     up.add_argument("output", help="output folder (must not exist unless --overwrite)")
-    up.add_argument("--family", required=True, choices=sorted(FAMILY_NAMES), help="model type")
-    up.add_argument("--num-experts", type=int, default=8, help="experts per MoE layer (default 8)")
-    up.add_argument("--top-k", type=int, default=2, help="experts per token (num_experts_per_tok, default 2)")
-    up.add_argument("--router-top-p", type=float, help="dynamic_moe threshold p")
-    up.add_argument("--moe-layers", type=_int_list, help="comma-separated layer indices (default: all)")
-    up.add_argument("--moe-layer-frequency", type=int, help="every n-th layer becomes MoE")
-    up.add_argument("--moe-num-heads", type=int, help="mh_moe sub-tokens per token")
-    up.add_argument("--norm-topk-prob", type=_bool, metavar="{true,false}",
-                    help="renormalise the selected experts' weights (default: the family's)")
-    up.add_argument("--set", type=_field, action="append", default=[], metavar="FIELD=VALUE",
-                    help="any other config field of the family (value parsed as JSON)")
+    add_moe_arguments(up, families=sorted(FAMILY_NAMES), family_required=True, family_help="model type")
     up.add_argument("--expert-noise-std", type=float, default=0.0, help="noise on expert copies, relative to std")
     up.add_argument("--reinit-fraction", type=float, default=0.0, help="Drop-Upcycling: neurons re-initialised")
     up.add_argument("--router-init", choices=["normal", "zeros"], default="normal",

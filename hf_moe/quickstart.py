@@ -24,9 +24,11 @@ import tempfile
 import time
 
 from . import FAMILY_NAMES
+from .options import add_expert_count_arguments
 
-FAMILIES = tuple(FAMILY_NAMES)
-FAMILY_OPTIONS = {"dynamic_moe": {"router_top_p": 0.4, "norm_topk_prob": True}}
+FAMILIES = FAMILY_NAMES
+# every family renormalises its selected weights, top-p included, so that each starts from the dense function
+MOE_OPTIONS = {"norm_topk_prob": True}
 DATA_DIR_ENV = "HF_MOE_DATA_DIR"
 HUB_OFFLINE_ENVS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
@@ -61,7 +63,10 @@ def resolve_data_dir(data_dir: str | None) -> str | None:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"| {'family':<12} | {'dev accuracy':>12} | {'total params':>12} | {'active params':>13} | {'train time':>10} |"
+    header = (
+        f"| {'family':<12} | {'dev accuracy':>12} | {'total params':>12} | {'active params':>13} "
+        f"| {'train time':>10} |"
+    )
     lines = [header, "|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|"]
     for row in rows:
         lines.append(
@@ -123,7 +128,7 @@ def _run_models(settings, data_dir, families, dense, output_dir, log, kept_in) -
         raise QuickstartError(f"{output_dir} holds quickstart results of other settings ({other[0]}); pass another "
                               "--output-dir, or the same settings to continue that run")
     check_data(data_dir)
-    from .training.glue import finetune, validate_family
+    from .training.finetune import finetune, validate_family
 
     for family in families:
         validate_family(family)
@@ -148,7 +153,7 @@ def _run_models(settings, data_dir, families, dense, output_dir, log, kept_in) -
             epochs=settings["epochs"], lr=settings["lr"], batch_size=settings["batch_size"],
             max_length=settings["max_length"], seed=settings["seed"],
             training_args={"disable_tqdm": False, "logging_steps": 10, "per_device_eval_batch_size": 64},
-            **FAMILY_OPTIONS.get(family, {}),
+            **(MOE_OPTIONS if family else {}),
         )
         row = {**result, "settings": settings}
         rows.append(row)
@@ -180,8 +185,7 @@ def build_parser(parser=None) -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=float, default=1.0, help="training epochs (default 1)")
     parser.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
     parser.add_argument("--batch-size", type=int, default=16, help="training batch size (default 16)")
-    parser.add_argument("--num-experts", type=int, default=8, help="experts per MoE layer (default 8)")
-    parser.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    add_expert_count_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset, upcycling and training (default 0)")
     parser.add_argument("--output-dir", help="keeps results.jsonl, results.md and each model's router telemetry; a "
                                              "rerun skips the models finished there (default: a temporary folder)")

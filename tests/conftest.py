@@ -40,6 +40,16 @@ def _assert_fp32_close(actual, expected, depth: int = 1, what: str = "", reducti
 
 
 @pytest.fixture
+def single_thread():
+    """One intra-op thread: tiny models run fastest so, and spinning worker threads make a loaded 2-core machine
+    crawl (a 0.3 s generation test took 20 s). Model test modules use it for all their tests (`pytestmark`)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def assert_fp32_close():
     """`assert_fp32_close(actual, expected, depth=1, what="", reduction=4096)`: equal up to float32 rounding over
     `depth` layers whose longest reduction has `reduction` terms."""

@@ -26,8 +26,8 @@ HEAVY = ("torch", "transformers")
 
 
 def _run(command, **kwargs):
-    return subprocess.run(command, check=False, capture_output=True, text=True, env={**ENV, **kwargs.pop("env", {})}, timeout=300,
-                          **kwargs)
+    return subprocess.run(command, check=False, capture_output=True, text=True, env={**ENV, **kwargs.pop("env", {})},
+                          timeout=300, **kwargs)
 
 
 def _imports(stderr: str) -> set[str]:
@@ -95,7 +95,7 @@ print("registered")
 def test_every_import_order_registers_the_families_with_the_auto_classes():
     """`import hf_moe` no longer loads transformers itself, but the Auto classes know every family whatever is
     imported first."""
-    check = CHECK_REGISTERED.format(families=modeling.FAMILY_BY_MODEL_TYPE)
+    check = CHECK_REGISTERED.format(families={t: f.class_prefix for t, f in modeling.all_families().items()})
     processes = {name: subprocess.Popen([sys.executable, "-c", first + "\n" + check], env=ENV, text=True,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                  for name, first in FIRST_IMPORTS.items()}
@@ -107,15 +107,14 @@ def test_every_import_order_registers_the_families_with_the_auto_classes():
 def test_family_choices_are_the_registered_families():
     upcycle = _subparsers(build_parser())["upcycle"]
     family = next(a for a in upcycle._actions if a.dest == "family")
-    assert sorted(family.choices) == sorted(modeling.FAMILY_CONFIG_CLASSES)
-    assert dict(hf_moe.FAMILY_NAMES) == modeling.FAMILY_BY_MODEL_TYPE
-    assert quickstart.FAMILIES == tuple(modeling.FAMILY_CONFIG_CLASSES)
+    assert sorted(family.choices) == sorted(modeling.all_families())
+    assert hf_moe.FAMILY_NAMES == tuple(modeling.all_families()) == quickstart.FAMILIES
 
 
 def test_python_m_hf_moe_smoke_runs_every_family(capsys):
     assert main(["smoke"]) == 0
     out = capsys.readouterr().out
-    for model_type in modeling.FAMILY_CONFIG_CLASSES:
+    for model_type in modeling.all_families():
         assert f"\n{model_type} " in out
 
 
@@ -136,7 +135,6 @@ def test_all_and_dir_list_exactly_what_the_package_gives():
         assert getattr(hf_moe, name) is not None
     for model_class in modeling.MODEL_CLASSES.values():
         assert getattr(hf_moe, model_class.__name__) is model_class and model_class.__name__ in hf_moe.__all__
-    assert hf_moe.FAMILY_CONFIGS == tuple(modeling.FAMILY_CONFIG_CLASSES.values())
     with pytest.raises(AttributeError, match="no attribute 'upcycled'"):
         _ = hf_moe.upcycled
 
@@ -172,6 +170,38 @@ def test_every_option_of_every_subcommand_has_help():
                for name, parser in parsers.items() for action in parser._actions if not action.help]
     assert missing == []
     assert set(parsers) == {"hf-moe", "upcycle", "quickstart", "smoke"}
+
+
+# --- issue #11 item 7: one definition of the MoE options -------------------------------------------------------------
+
+MOE_OPTIONS = ["--family", "--num-experts", "--top-k", "--router-top-p", "--moe-layers", "--moe-layer-frequency",
+               "--moe-num-heads", "--norm-topk-prob", "--set"]
+
+
+def test_upcycle_options_parse_into_moe_arguments():
+    from hf_moe.options import MoeArguments, moe_arguments
+
+    args = build_parser().parse_args(["upcycle", "a", "b", "--family", "mh_moe", "--top-k", "1", "--moe-layers", "0,2",
+                                      "--moe-num-heads", "2", "--set", "router_jitter_noise=0.01", "--set", "name=x"])
+    assert moe_arguments(args) == MoeArguments(family="mh_moe", top_k=1, moe_layers=[0, 2], moe_num_heads=2,
+                                               config_overrides={"router_jitter_noise": 0.01, "name": "x"})
+    assert moe_arguments(args).upcycle_kwargs() == {"num_experts": 8, "num_experts_per_tok": 1, "moe_layers": [0, 2],
+                                                    "moe_num_heads": 2, "router_jitter_noise": 0.01, "name": "x"}
+
+
+@pytest.mark.parametrize("script, options", [
+    ("run_glue", MOE_OPTIONS), ("run_clm", MOE_OPTIONS), ("lm_eval_example", MOE_OPTIONS),
+    ("compare_families", ["--num-experts", "--top-k"]),
+])
+def test_examples_take_the_shared_moe_options(script, options, capsys):
+    sys.path.insert(0, str(ROOT / "examples"))
+    module = __import__(script)
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    usage = capsys.readouterr().out
+    assert all(option in usage for option in options), usage
+    quickstart_usage = _subparsers(build_parser())["quickstart"].format_help()
+    assert "--num-experts" in quickstart_usage and "--top-k" in quickstart_usage
 
 
 # --- item 12: user errors and Ctrl-C in one line --------------------------------------------------------------------

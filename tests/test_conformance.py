@@ -5,9 +5,9 @@ a second computation of the same function, or a property written out in the test
 
 Inapplicable checks (transformers' common tests that do not apply to a wrapper of a dense backbone, and why):
 - Checks of a flat `model.layers` of the model's own decoder-layer class (`_no_split_modules` built from that class,
-  pipeline-parallel `_pp_plan` layer lists, layer-count and per-layer-type config checks, `_checkpoint_conversion_mapping`
-  of the model's own keys): the layers are the backbone's; the MoE block sits inside each of them, so
-  `_no_split_modules` is the backbone's list and the layer semantics are transformers' own.
+  pipeline-parallel `_pp_plan` layer lists, layer-count and per-layer-type config checks,
+  `_checkpoint_conversion_mapping` of the model's own keys): the layers are the backbone's; the MoE block sits inside
+  each of them, so `_no_split_modules` is the backbone's list and the layer semantics are transformers' own.
 - Device-map, multi-GPU and offload checks (`device_map="auto"`, disk/CPU offload, data parallel) and flash/flex
   attention dispatch: they need accelerators; the attention and the KV cache are the backbone's own code.
 - Contrastive search, DoLa, group and constrained beam search: transformers 5.24 no longer ships them (each is a Hub
@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from test_models_common import (
+from models_common import (
     AUTO_CLASS,
     FAMILIES,
     backbone_of,
@@ -40,13 +40,14 @@ from test_models_common import (
     make_model,
     model_depth,
     random_ids,
-    single_thread,  # noqa: F401  (autouse)
     text_config,
 )
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 import hf_moe
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 BATCH, SEQ, PAD = 2, 8, 0
 LM_CASES = [("llama", "ForCausalLM"), ("bert", "ForMaskedLM")]
@@ -62,7 +63,8 @@ def _model(family, backbone, head, **kwargs):
 
 
 def _padded_batch(backbone, seed=0, batch=BATCH, seq=SEQ):
-    """Token ids and 2-D mask with padding in the last row: left padding for llama (as generate pads), right for bert."""
+    """Token ids and 2-D mask with padding in the last row: left padding for llama (as generate pads), right for
+    bert."""
     ids = random_ids((batch, seq), seed)
     mask = torch.ones_like(ids)
     pad = seq // 3

@@ -12,14 +12,15 @@ import inspect
 
 import pytest
 import torch
-from test_models_common import (
+from models_common import (
     FAMILIES,
     dropout_free,
     make_model,
     model_depth,
     random_ids,
-    single_thread,  # noqa: F401  (autouse)
 )
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 NEW_TOKENS, PROMPT, PAD = 6, 6, 0
 

@@ -202,7 +202,9 @@ def _run_in_private_filesystem(tmp_path, function, source, setup, size_kb=64):
     command = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script,
                sys.executable, _WRITE_INTO, function, str(source)]
     try:
-        probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True, check=False)
+        probe = subprocess.run(
+            ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True, check=False
+        )
     except FileNotFoundError:
         pytest.skip("util-linux `unshare` is not installed: no way to mount a small filesystem without root")
     if probe.returncode != 0:

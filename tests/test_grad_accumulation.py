@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from models_common import FAMILIES, VOCAB, dropout_free, make_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from test_models_common import FAMILIES, VOCAB, dropout_free, make_model, single_thread  # noqa: F401
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 HEADS = {"ForCausalLM": "llama", "ForSequenceClassification": "bert"}
 CASES = [(family, head) for family in FAMILIES for head in HEADS]
@@ -124,7 +125,9 @@ def router_gradient_reference(model, head, micro_batches):
 def test_accumulation_equals_one_large_batch_without_router_losses(family, head, tmp_path):
     dataset = padded_dataset(head)
     full, full_loss, _ = train_one_step(build_model(family, head, NO_ROUTER_LOSS), dataset, tmp_path, 16, 1)
-    accumulated, accumulated_loss, _ = train_one_step(build_model(family, head, NO_ROUTER_LOSS), dataset, tmp_path, 4, 4)
+    accumulated, accumulated_loss, _ = train_one_step(
+        build_model(family, head, NO_ROUTER_LOSS), dataset, tmp_path, 4, 4
+    )
     assert relative_error(accumulated, full) <= TOLERANCE
     assert accumulated_loss == pytest.approx(full_loss, rel=TOLERANCE)
 
@@ -167,7 +170,9 @@ def two_process_results(tmp_path_factory):
 @pytest.mark.parametrize("family, head", CASES)
 def test_two_processes_equal_one_process_with_the_same_global_batch(family, head, two_process_results, tmp_path):
     dataset = padded_dataset(head)
-    (gradients, logged, _), (gradients_1, logged_1, _) = (ranks[family, head, "without"] for ranks in two_process_results)
+    (gradients, logged, _), (gradients_1, logged_1, _) = (
+        ranks[family, head, "without"] for ranks in two_process_results
+    )
     assert relative_error(gradients_1, gradients) == 0  # DDP synchronised them
     single, single_logged, _ = train_one_step(build_model(family, head, NO_ROUTER_LOSS), dataset, tmp_path, 16, 1)
     assert relative_error(gradients, single) <= TOLERANCE

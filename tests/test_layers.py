@@ -10,9 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from hf_moe import FfnSpec, HyperRouterLayer, TopKMoeLayer
-
 from layer_helpers import (
     FAMILIES,
     FFN_KINDS,
@@ -28,6 +25,8 @@ from layer_helpers import (
     trainable,
 )
 from references import expert_ffn, reference_layer
+
+from hf_moe import FfnSpec, HyperRouterLayer, TopKMoeLayer
 
 TOL = 1e-6
 

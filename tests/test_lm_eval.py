@@ -1,5 +1,6 @@
 """lm-evaluation-harness takes an hf-moe causal model object (`HFLM(pretrained=model)`), as in
-examples/lm_eval_example.py. Skipped where `lm_eval` is not installed (it is not a dependency: `pip install lm-eval`)."""
+examples/lm_eval_example.py. Skipped where `lm_eval` is not installed (it is not a dependency:
+`pip install lm-eval`)."""
 
 import importlib.util
 import os

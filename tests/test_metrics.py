@@ -135,7 +135,10 @@ def reference(kind, predictions, labels):
         if kind == "acc_f1":
             return {"accuracy": accuracy_score(labels, predictions), "f1": f1_score(labels, predictions)}
         if kind == "acc_macro_f1":
-            return {"accuracy": accuracy_score(labels, predictions), "f1": f1_score(labels, predictions, average="macro")}
+            return {
+                "accuracy": accuracy_score(labels, predictions),
+                "f1": f1_score(labels, predictions, average="macro"),
+            }
         if kind == "mcc":
             return {"matthews_correlation": matthews_corrcoef(labels, predictions)}
         if kind == "corr":
@@ -214,9 +217,9 @@ def macro_f1_by_hand(predictions, labels):
     """Mean over the labels present (in labels or predictions) of 2 TP / (2 TP + FP + FN)."""
     scores = []
     for c in sorted(set(predictions) | set(labels)):
-        tp = sum(p == c and l == c for p, l in zip(predictions, labels))
-        fp = sum(p == c and l != c for p, l in zip(predictions, labels))
-        fn = sum(p != c and l == c for p, l in zip(predictions, labels))
+        tp = sum(p == c and label == c for p, label in zip(predictions, labels))
+        fp = sum(p == c and label != c for p, label in zip(predictions, labels))
+        fn = sum(p != c and label == c for p, label in zip(predictions, labels))
         scores.append(2 * tp / (2 * tp + fp + fn))
     return sum(scores) / len(scores)
 
@@ -227,15 +230,17 @@ def multirc_reference(idx, predictions, labels, check_with_sklearn=20):
     The per-question macro-F1 is written out by hand (scikit-learn's f1_score costs ~4 ms a call, x 953 questions);
     the first `check_with_sklearn` questions are checked against scikit-learn's average="macro"."""
     groups = defaultdict(list)
-    for i, p, l in zip(idx, predictions.tolist(), labels.tolist()):
-        groups[(i["paragraph"], i["question"])].append((p, l))
-    f1s = [macro_f1_by_hand([p for p, _ in g], [l for _, l in g]) for g in groups.values()]
+    for i, p, label in zip(idx, predictions.tolist(), labels.tolist()):
+        groups[(i["paragraph"], i["question"])].append((p, label))
+    f1s = [macro_f1_by_hand([p for p, _ in g], [label for _, label in g]) for g in groups.values()]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for g, mine in list(zip(groups.values(), f1s))[:check_with_sklearn]:
-            assert mine == pytest.approx(f1_score([l for _, l in g], [p for p, _ in g], average="macro"), abs=1e-12)
+            assert mine == pytest.approx(
+                f1_score([label for _, label in g], [p for p, _ in g], average="macro"), abs=1e-12
+            )
         f1_a = f1_score(labels, predictions)
-    ems = [all(p == l for p, l in g) for g in groups.values()]
+    ems = [all(p == label for p, label in g) for g in groups.values()]
     return {"exact_match": np.mean(ems), "f1_m": np.mean(f1s), "f1_a": f1_a}
 
 
@@ -252,11 +257,13 @@ def test_multirc_metric_matches_reference():
         assert set(result) == set(expected)
         for key, value in expected.items():
             assert result[key] == pytest.approx(value, **TOL), key
-    perfect = metric.compute(predictions=[{"idx": i, "prediction": int(l)} for i, l in zip(idx, labels)], references=labels.tolist())
+    perfect = metric.compute(
+        predictions=[{"idx": i, "prediction": int(label)} for i, label in zip(idx, labels)], references=labels.tolist()
+    )
     assert perfect == {"exact_match": 1.0, "f1_m": 1.0, "f1_a": 1.0}
 
 
-# -- ReCoRD: a hand-made example ------------------------------------------------------------------------------------------
+# -- ReCoRD: a hand-made example ---------------------------------------------------------------------------------------
 
 
 def squad_normalise(text):
@@ -306,7 +313,7 @@ def test_record_metric_matches_hand_reference():
     assert result == pytest.approx(expected, **TOL)
 
 
-# -- the tasks' compute_metrics use the modules -------------------------------------------------------------------------
+# -- the tasks' compute_metrics use the modules ------------------------------------------------------------------------
 
 TASK_GOLD = {
     "cola": ("cola", "validation"),
@@ -352,7 +359,9 @@ def test_task_compute_metrics_stsb_and_multirc():
     stsb = get_task("stsb")
     labels = gold("stsb")
     predictions = (labels + np.random.default_rng(2).normal(0, 1, len(labels))).astype(np.float32)[:, None]
-    assert stsb.compute_metrics(predictions, labels) == pytest.approx(reference("corr", predictions[:, 0], labels), **TOL)
+    assert stsb.compute_metrics(predictions, labels) == pytest.approx(
+        reference("corr", predictions[:, 0], labels), **TOL
+    )
 
     multirc = get_task("multirc")
     dataset = multirc.load("validation", DATA)

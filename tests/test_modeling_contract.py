@@ -3,7 +3,7 @@ default `eager` experts (they run transformers' `grouped_mm` while compiling).""
 
 import pytest
 import torch
-from test_models_common import (
+from models_common import (
     FAMILIES,
     dropout_free,
     make_model,

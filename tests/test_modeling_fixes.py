@@ -10,17 +10,17 @@ import textwrap
 
 import pytest
 import torch
+from layer_helpers import FAMILIES, as_dict, make_inputs, make_layer
+from models_common import VOCAB, make_model, text_config
+from models_common import make_inputs as make_model_inputs
 from peft import get_peft_model
+from references import reference_layer
+from test_layers import check_against_reference
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import hf_moe
 from hf_moe.conversion import upcycle, upcycle_model
 from hf_moe.training.peft import moe_lora_config
-from layer_helpers import FAMILIES, as_dict, make_inputs, make_layer
-from references import reference_layer
-from test_layers import check_against_reference
-from test_models_common import VOCAB, make_model, text_config
-from test_models_common import make_inputs as make_model_inputs
 
 # ------------------------------------------------------------------------------------ 1. HyperRouter's hypernetwork
 
@@ -106,7 +106,9 @@ REMOTE_CHILD = textwrap.dedent(
 def test_hypernet_frozen_after_trust_remote_code(saved_hyperrouter, tmp_path):
     torch.save(llama_inputs(), tmp_path / "inputs.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")
+    env.update(
+        HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1"
+    )
     result = subprocess.run(
         [sys.executable, "-I", "-c", REMOTE_CHILD, str(saved_hyperrouter), "inputs.pt", "out.pt"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
@@ -183,7 +185,9 @@ def test_non_finite_padding_reaches_no_statistic(family, overrides):
 def test_num_experts_per_tok_out_of_range_at_run_time_names_the_field(family, top_k):
     model = make_model(family, "llama", "ForCausalLM")  # 4 experts
     model.config.num_experts_per_tok = top_k  # the config is mutable (HyperRouter's k schedule changes it)
-    with pytest.raises(ValueError, match=re.escape(f"num_experts_per_tok={top_k}") + r".*between 1 and num_experts \(4\)"):
+    with pytest.raises(
+        ValueError, match=re.escape(f"num_experts_per_tok={top_k}") + r".*between 1 and num_experts \(4\)"
+    ):
         model(**llama_inputs())
     model.config.num_experts_per_tok = 4
     assert torch.isfinite(model(**llama_inputs()).loss)

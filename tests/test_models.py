@@ -8,9 +8,7 @@ every (family, head) pair is met on some backbone.
 
 import pytest
 import torch
-
-import hf_moe
-from test_models_common import (
+from models_common import (
     AUTO_CLASS,
     BACKBONES,
     FAMILIES,
@@ -20,9 +18,12 @@ from test_models_common import (
     make_inputs,
     make_model,
     model_depth,
-    single_thread,  # noqa: F401  (autouse)
     task_loss,
 )
+
+import hf_moe
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 BERT_EXTRA = {"bert": "ForMaskedLM", "roberta": "ForMultipleChoice"}

@@ -1,22 +1,23 @@
 """Function preservation: with every expert a copy of the dense FFN and renormalised top-2, the MoE model computes the
 dense transformers backbone (same non-FFN weights) on every backbone. The dense -> expert copy is the tests' own
-(`test_models_common.dense_ffn_as_expert`), not hf_moe's adapter."""
+(`models_common.dense_ffn_as_expert`), not hf_moe's adapter."""
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel
-
-import hf_moe
-from test_models_common import (
+from models_common import (
     backbone_of,
     dense_ffn_as_expert,
     layer_stacks,
     make_config,
     moe_of_layer,
     random_ids,
-    single_thread,  # noqa: F401  (autouse)
     text_config,
 )
+from transformers import AutoConfig, AutoModel
+
+import hf_moe
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 DENSE_BACKBONES = ("bert", "roberta", "gpt2", "llama", "mistral", "qwen2", "qwen3", "t5", "t5_gated")
 # (family, extra config); HyperMoE adds its (tiny-init) HyperExpert and is checked apart
@@ -37,7 +38,9 @@ def _dense_and_moe(family, backbone, extra, seed=0, unit_embeddings=False):
         with torch.no_grad():
             embedding = dense.get_input_embeddings().weight
             embedding /= embedding.std()
-    config = make_config(family, backbone, **{"num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True, **extra})
+    config = make_config(
+        family, backbone, **{"num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True, **extra}
+    )
     torch.manual_seed(seed + 1)
     moe = hf_moe.MODEL_CLASSES[family, "Model"](config).eval()
     inner = backbone_of(moe)

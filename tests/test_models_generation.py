@@ -3,8 +3,9 @@ uncached `generate` and a manual argmax loop over full-sequence forwards; left p
 
 import pytest
 import torch
+from models_common import FAMILIES, make_model, random_ids
 
-from test_models_common import FAMILIES, make_model, random_ids, single_thread  # noqa: F401
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 NEW_TOKENS = 20
 CASES = [pytest.param(f, b, id=f"{f}-{b}") for b in ("llama", "gpt2") for f in FAMILIES]

@@ -3,11 +3,7 @@ experts implementations, gradient checkpointing and embedding resizing."""
 
 import pytest
 import torch
-from safetensors import safe_open
-from transformers import AutoModelForCausalLM
-
-import hf_moe
-from test_models_common import (
+from models_common import (
     AUTO_CLASS,
     FAMILIES,
     backbone_of,
@@ -17,9 +13,14 @@ from test_models_common import (
     make_model,
     model_depth,
     random_ids,
-    single_thread,  # noqa: F401  (autouse)
     task_loss,
 )
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import hf_moe
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 # ------------------------------------------------------------------ router losses, written out from the router logits
 

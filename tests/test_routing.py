@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from layer_helpers import HIDDEN, as_dict, assert_rel_close, make_inputs, make_layer
 from references import capacity_keep, expert_ffn
 

@@ -154,7 +154,8 @@ def test_registry_lists_every_task_with_its_label_order():
     for name, task in TASKS.items():
         assert isinstance(task, Task) and task.name == name
         assert task.label_names == LABELS[name], name
-        assert task.benchmark == ("glue" if name in {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"} else "super_glue")
+        glue_tasks = {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"}
+        assert task.benchmark == ("glue" if name in glue_tasks else "super_glue")
         assert task.hub[0] == ("nyu-mll/glue" if task.benchmark == "glue" else "super_glue")
         assert task.num_labels == (1 if name == "stsb" else len(LABELS[name]))
         assert task.metric_keys and task.main_metric == task.metric_keys[0]
@@ -201,7 +202,10 @@ def test_local_split_loads_with_official_rows_and_labels(name, split):
 @needs_data
 def test_tsv_reading_matches_plain_quote_none_reading():
     """QUOTE_NONE keeps the rows with unbalanced quotes (default quoting merges them): compare with a plain reader."""
-    for name, folder, fields in [("qnli", "QNLI", ("question", "sentence")), ("stsb", "STS-B", ("sentence1", "sentence2"))]:
+    for name, folder, fields in [
+        ("qnli", "QNLI", ("question", "sentence")),
+        ("stsb", "STS-B", ("sentence1", "sentence2")),
+    ]:
         dataset = get_task(name).load("validation", DATA)
         rows = _tsv(DATA / "glue" / folder / "dev.tsv")
         for field in fields:
@@ -269,12 +273,14 @@ def _write(path, text):
         ("rte", "glue/RTE/dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\tA.\tB.\tentailment\n1\tC.\tD.\tmaybe\n", 3),
         ("sst2", "glue/SST-2/dev.tsv", "sentence\tlabel\ngood .\t1\nbad .\t2\n", 3),
         ("cola", "glue/CoLA/dev.tsv", "s1\t1\t\tFine.\ns2\tx\t*\tBad.\n", 2),
-        ("stsb", "glue/STS-B/dev.tsv", "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+        ("stsb", "glue/STS-B/dev.tsv",
+         "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
          "0\tg\tf\ty\t0\ts\ts\tA.\tB.\tabc\n", 2),
         ("cb", "super_glue/CB/val.jsonl", '{"premise": "A", "hypothesis": "B", "label": "neutral", "idx": 0}\n'
          '{"premise": "A", "hypothesis": "B", "label": "unknown", "idx": 1}\n', 2),
         ("boolq", "super_glue/BoolQ/val.jsonl", '{"question": "q", "passage": "p", "label": "maybe", "idx": 0}\n', 1),
-        ("copa", "super_glue/COPA/val.jsonl", '{"premise": "p", "choice1": "a", "choice2": "b", "question": "cause", "label": 2, "idx": 0}\n', 1),
+        ("copa", "super_glue/COPA/val.jsonl",
+         '{"premise": "p", "choice1": "a", "choice2": "b", "question": "cause", "label": 2, "idx": 0}\n', 1),
     ],
     ids=["rte", "sst2", "cola", "stsb", "cb", "boolq", "copa"],
 )
@@ -304,7 +310,11 @@ def test_data_dir_from_environment_and_hub_fallback(monkeypatch):
     assert get_task("sst2").load("validation") == "hub dataset"
     assert get_task("superglue_rte").load("train") == "hub dataset"
     assert get_task("mnli").load("validation_mismatched") == "hub dataset"
-    assert calls == [("nyu-mll/glue", "sst2", "validation"), ("super_glue", "rte", "train"), ("nyu-mll/glue", "mnli", "validation_mismatched")]
+    assert calls == [
+        ("nyu-mll/glue", "sst2", "validation"),
+        ("super_glue", "rte", "train"),
+        ("nyu-mll/glue", "mnli", "validation_mismatched"),
+    ]
 
 
 @needs_data
@@ -367,7 +377,11 @@ def _record_row(idx, text, entities, queries):
         start = text.index(entity)
         spans.append({"start": start, "end": start + len(entity) - 1})
     qas = [
-        {"idx": q_idx, "query": query, "answers": [{"start": text.index(a), "end": text.index(a) + len(a) - 1, "text": a} for a in answers]}
+        {
+            "idx": q_idx,
+            "query": query,
+            "answers": [{"start": text.index(a), "end": text.index(a) + len(a) - 1, "text": a} for a in answers],
+        }
         for q_idx, query, answers in queries
     ]
     return {"idx": idx, "source": "test", "passage": {"text": text, "entities": spans}, "qas": qas}
@@ -378,7 +392,10 @@ RECORD_VAL = [
         0,
         "Paris is the capital of France. The Eiffel Tower stands in Paris.@highlight\nTourists visit France every year",
         ["Paris", "France", "Eiffel Tower"],
-        [(0, "The @placeholder is a landmark in Paris.", ["Eiffel Tower"]), (1, "@placeholder is a country in Europe.", ["France"])],
+        [
+            (0, "The @placeholder is a landmark in Paris.", ["Eiffel Tower"]),
+            (1, "@placeholder is a country in Europe.", ["France"]),
+        ],
     ),
     _record_row(
         1,
@@ -411,8 +428,9 @@ def sample_data(tmp_path_factory):
 def _encoder_model(task, tokenizer):
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=256, num_labels=task.num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=256, num_labels=task.num_labels, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )  # fmt: skip
     model_class = BertForMultipleChoice if task.problem_type == "multiple_choice" else BertForSequenceClassification
     return model_class(config).eval()
@@ -445,7 +463,8 @@ def test_preprocess_gives_encoder_inputs(name, sample_data, encoder_tokenizer):
     task, raw = get_task(name), sample_data[name]
     encoded = raw.map(task.preprocess(encoder_tokenizer, max_length=64), batched=True, remove_columns=raw.column_names)
     _check_inputs(task, encoded, encoder_tokenizer, 64)
-    collator = (DataCollatorForMultipleChoice if task.problem_type == "multiple_choice" else DataCollatorWithPadding)(encoder_tokenizer)
+    multiple_choice = task.problem_type == "multiple_choice"
+    collator = (DataCollatorForMultipleChoice if multiple_choice else DataCollatorWithPadding)(encoder_tokenizer)
     batch = collator([dict(row) for row in encoded])
     model = _encoder_model(task, encoder_tokenizer)
     with torch.no_grad():
@@ -472,7 +491,9 @@ def test_preprocess_gives_decoder_inputs(name, sample_data, decoder_tokenizer):
         n, choices, length = batch["input_ids"].shape
         model = _decoder_model(task, tokenizer, num_labels=1)
         with torch.no_grad():
-            scores = model(input_ids=batch["input_ids"].view(-1, length), attention_mask=batch["attention_mask"].view(-1, length)).logits
+            scores = model(
+                input_ids=batch["input_ids"].view(-1, length), attention_mask=batch["attention_mask"].view(-1, length)
+            ).logits
         logits = scores.view(n, choices)
         loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
     else:

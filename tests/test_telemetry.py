@@ -25,7 +25,7 @@ def _dataset(n=64, seq=12):
 
 def _train(tmp_path, config, callback, steps=8):
     torch.manual_seed(0)
-    model = hf_moe.MODEL_CLASSES[hf_moe.FAMILY_NAMES[config.model_type], "ForSequenceClassification"](config)
+    model = hf_moe.MODEL_CLASSES[hf_moe.get_family(config.model_type).class_prefix, "ForSequenceClassification"](config)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8,
                              logging_steps=2, report_to="none", use_cpu=True, save_strategy="no", learning_rate=1e-3)
     trainer = Trainer(model=model, args=args, train_dataset=_dataset(), callbacks=[callback])

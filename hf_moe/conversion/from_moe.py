@@ -6,10 +6,13 @@ folder, the source model never loaded (docs/upcycling.md §4).
 
 Supported sources and targets (only where the target family's math can take over the source's router and experts):
 
-| source | backbone | targets | exact at conversion |
-|---|---|---|---|
-| Mixtral (`MixtralForCausalLM`, `MixtralModel`, and its other heads) | `mistral` | `topk_moe`, `hypermoe`, `dynamic_moe` | `topk_moe`; `hypermoe` with the HyperExpert zeroed (default); not `dynamic_moe` |
-| SwitchTransformers (`...ForConditionalGeneration`, `SwitchTransformersModel`) | `t5` (ReLU) | `topk_moe`, `hypermoe` | both (hypermoe zeroed), dropless, in eval mode |
+| source | backbone | targets |
+|---|---|---|
+| Mixtral (`MixtralForCausalLM`, `MixtralModel`, its other heads) | `mistral` | `topk_moe`, `hypermoe`, `dynamic_moe` |
+| SwitchTransformers (`...ForConditionalGeneration`, `SwitchTransformersModel`) | `t5` (ReLU) | `topk_moe`, `hypermoe` |
+
+Exact at conversion: from Mixtral, `topk_moe`, and `hypermoe` with the HyperExpert zeroed (default), not `dynamic_moe`;
+from SwitchTransformers, both (hypermoe zeroed), dropless, in eval mode.
 
 Why the others are refused: HyperRouter generates every router from a hypernetwork, so a trained router has no place in
 it; MH-MoE experts act on d/h-wide sub-tokens behind new projections, so trained experts cannot be reused. Qwen2-MoE's
@@ -19,14 +22,17 @@ shared expert, OLMoE's whole-projection q/k norms and DeepSeek's grouped sigmoid
 `self_attn`, `input_layernorm`, `post_attention_layernorm`, same sliding-window masks and RoPE) whose `mlp` is a
 `MixtralSparseMoeBlock`: router `mlp.gate.weight` [E, H], fused experts `mlp.experts.gate_up_proj` [E, 2I, H] (gate
 rows first) and `mlp.experts.down_proj` [E, H, I]. Routing is softmax over all experts, top-k, renormalise: hf-moe's
-`top_k_routing` with `norm_topk_prob=True`, over `GatedExperts` of the same layout. Differences outside float32 eval:
+`top_k_routing` with `norm_topk_prob=True`, over `GatedExperts` of the same layout. Differences outside float32 eval,
+each with the family option that reproduces Mixtral (docs/topk.md §6), passed as a family option of the conversion:
 
 - Mixtral computes the router logits in the model dtype and the softmax in float32; hf-moe computes both in float32,
-  so a bf16/fp16 model can pick a different expert where two probabilities tie to within the logits' rounding.
+  so a bf16/fp16 model can pick a different expert where two probabilities tie to within the logits' rounding
+  (`router_dtype="model"`).
 - Mixtral's training jitter multiplies the block input in place, so router and experts see the noise; hf-moe jitters
-  the router input only (docs/topk.md §6).
+  the router input only (`router_jitter_scope="input"`).
 - `router_aux_loss_coef` is carried over, but Mixtral pools its balance statistic over all layers, whereas hf-moe sums
-  the per-layer losses (docs/topk.md §6): the same coefficient weighs the balance about `num_layers` times more.
+  the per-layer losses: the same coefficient weighs the balance about `num_layers` times more
+  (`router_loss_pooling="mixtral"`).
 - `dynamic_moe` replaces top-k by top-p (`router_top_p`, default 0.4): each token keeps the fewest experts whose
   probabilities pass p, so it is not the source model. We default it to `norm_topk_prob=True`, the source's weighting
   (weights summing to 1): a token whose top-p set is its top-k set is then computed exactly as in Mixtral.
@@ -36,24 +42,24 @@ rows first) and `mlp.experts.down_proj` [E, H, I]. Routing is softmax over all e
 `SwitchTransformersSparseMLP`: router `mlp.router.classifier` (Linear d -> E, no bias unless `router_bias`) and
 experts `mlp.experts.expert_{e}.wi` [d_ff, d] / `.wo` [d, d_ff] (ReLU `SwitchTransformersDenseActDense`). Dense blocks'
 `mlp.wi/wo` are T5's `DenseReluDense.wi/wo`; attention, layer norms, relative position bias and the tied,
-`d_model**-0.5`-rescaled LM head are T5's (T5's `scale_decoder_outputs` follows Switch's `tie_word_embeddings`). Routing is top-1 with weight =
-p_max (no renormalisation): hf-moe top-k with k = 1 and `norm_topk_prob=False`, over `PlainExperts` whose `up_proj` /
-`down_proj` stack the experts' `wi` / `wo`. Differences:
+`d_model**-0.5`-rescaled LM head are T5's (T5's `scale_decoder_outputs` follows Switch's `tie_word_embeddings`).
+Routing is top-1 with weight = p_max (no renormalisation): hf-moe top-k with k = 1 and `norm_topk_prob=False`, over
+`PlainExperts` whose `up_proj` / `down_proj` stack the experts' `wi` / `wo`. Differences:
 
 - **Capacity.** Switch drops tokens past `expert_capacity`, an absolute per-expert count taken per sequence in token
-  order. hf-moe is dropless by default; its optional `expert_capacity_factor` counts over the whole batch (without
-  padding), so it cannot reproduce Switch's drops. The conversion is exact only while no token is dropped by Switch
-  (`expert_capacity >= tokens per sequence`); google/switch-base-* use 64, so longer inputs differ.
-- **Dropped tokens.** Switch 5.23 gives a dropped token a zero FFN output (residual only); transformers 4.x, and the
-  copy HyperMoE's Switch variant vendors, gave `p_max * x` (HyperMoE adds its HyperExpert on top, docs/hypermoe.md §6).
-  hf-moe's capacity drops also give zero (plus the HyperExpert in `hypermoe`).
+  order. hf-moe is dropless by default, so the conversion is exact only while Switch drops no token
+  (`expert_capacity >= tokens per sequence`; google/switch-base-* use 64). `expert_capacity_rule="switch"` with the
+  source's `expert_capacity` reproduces Switch's drops.
+- **Dropped tokens.** Switch 5.23 gives a dropped token a zero FFN output (residual only), as hf-moe does;
+  transformers 4.x, and the copy HyperMoE's Switch variant vendors, gave `p_max * x` (`dropped_token_output=
+  "scaled_input"`; HyperMoE adds its HyperExpert on top, docs/hypermoe.md §6).
 - **Jitter.** `router_jitter_noise` (0.01 in Switch) is carried over and applies in training only in both. In float32,
   Switch's in-place jitter also reaches the experts' input (its `.to(float32)` returns the same tensor); hf-moe jitters
-  the router input only.
-- **Router dtype.** Switch computes the router in `router_dtype` (float32 by default); hf-moe in float32 or wider.
+  the router input only (`router_jitter_scope="input"` reproduces Switch).
+- **Router dtype.** Switch computes the router in `router_dtype` (float32 by default), as hf-moe does.
 - **Losses.** `router_z_loss_coef` and `router_aux_loss_coef` are carried over; Switch averages z-loss and pools the
   balance statistic over each stack's layers (and computes neither when a stack's sparse step is 1), hf-moe sums
-  per-layer losses over both stacks.
+  per-layer losses over both stacks (`router_loss_pooling="switch"` reproduces Switch's pooling).
 - Switch's `router_ignore_padding_tokens` is not read by the 5.23 forward; hf-moe excludes padding from its losses.
 - An untied Switch (`tie_word_embeddings=False`, separate `lm_head`) cannot be converted: transformers 5.23's T5 always
   ties `lm_head` to the shared embedding.
@@ -67,14 +73,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, MistralConfig, PreTrainedModel, T5Config
 
-from ..modeling import (
-    FAMILY_BY_MODEL_TYPE,
-    FAMILY_CONFIG_CLASSES,
-    HEADS,
-    MODEL_CLASSES,
-    HyperExpertGenerator,
-    get_adapter,
-)
+from ..modeling import HEADS, MODEL_CLASSES, all_families, check_family, get_adapter, get_family
 from .output import Converted, source_name, write_conversion
 from .safetensors_io import SafetensorsSource
 from .streaming import ModelCheckpoint, StreamingPlan, checkpoint_dtype
@@ -84,15 +83,9 @@ from .structure import (
     initialise_new_modules,
     module_path,
     why_not_exact,
-    zero_hyper_expert,
 )
 
 logger = logging.getLogger(__name__)
-
-SUPPORTED_CONVERSIONS = {
-    "mixtral": ("topk_moe", "hypermoe", "dynamic_moe"),
-    "switch_transformers": ("topk_moe", "hypermoe"),
-}
 
 _REFUSED_SOURCES = {
     "qwen2_moe": "its shared expert (gated by sigmoid(shared_expert_gate(x)), added to every token) has no place in "
@@ -106,39 +99,40 @@ _REFUSED_SOURCES = {
     "counterpart",
 }
 
-_REFUSED_FAMILIES = {
-    "hyperrouter": "HyperRouter generates every router from a frozen hypernetwork and a layer embedding, so the "
-    "source's trained router weights cannot be reused",
-    "mh_moe": "MH-MoE experts act on d/h-wide sub-tokens behind new projections, so the source's trained experts "
-    "cannot be reused",
-    "dynamic_moe": "dynamic top-p routing is offered for Mixtral sources only",
-}
-
 # family options that would change the converted structure, not just its routing
 _STRUCTURAL_OPTIONS = (
     "text_config", "num_experts", "moe_layers", "moe_layer_frequency", "moe_intermediate_size", "dtype"
 )
 
 
+def supported_conversions() -> dict[str, tuple[str, ...]]:
+    """Source model type -> the families it converts into (each family's `moe_sources` in the registry)."""
+    conversions = {}
+    for family in all_families().values():
+        for source in family.moe_sources:
+            conversions.setdefault(source, ())
+            conversions[source] += (family.model_type,)
+    return conversions
+
+
 def _supported_list() -> str:
-    return "; ".join(f"{source} -> {', '.join(families)}" for source, families in SUPPORTED_CONVERSIONS.items())
+    return "; ".join(f"{source} -> {', '.join(families)}" for source, families in supported_conversions().items())
 
 
 def check_supported(model_type: str | None, family: str):
     """Raise ValueError, naming the supported conversions and the reason, unless `model_type` -> `family` is one."""
-    if family not in FAMILY_CONFIG_CLASSES:
-        raise ValueError(
-            f"Unknown family {family!r}; hf-moe families are {', '.join(FAMILY_CONFIG_CLASSES)}. "
-            f"Supported MoE conversions: {_supported_list()}."
-        )
-    if model_type not in SUPPORTED_CONVERSIONS:
+    try:
+        check_family(family)
+    except ValueError as error:
+        raise ValueError(f"{error} Supported MoE conversions: {_supported_list()}.") from None
+    if model_type not in supported_conversions():
         reason = _REFUSED_SOURCES.get(model_type, "no converter exists for this architecture")
         raise ValueError(
             f"Cannot convert a {model_type!r} model: {reason}. Supported MoE conversions: {_supported_list()}. "
             "(Dense checkpoints are upcycled with hf_moe.conversion.upcycle.)"
         )
-    if family not in SUPPORTED_CONVERSIONS[model_type]:
-        reason = _REFUSED_FAMILIES.get(family, "not supported")
+    if family not in supported_conversions()[model_type]:
+        reason = get_family(family).moe_source_refusal
         raise ValueError(
             f"Cannot convert {model_type!r} into {family!r}: {reason}. Supported MoE conversions: {_supported_list()}."
         )
@@ -352,9 +346,7 @@ def _moe_config(source_model, family: str, family_options: dict):
     if fixed:
         raise ValueError(f"{', '.join(fixed)} come(s) from the source model and cannot be set when converting it.")
     text_config, source_fields = _SOURCES[source_config.model_type][0](source_config, source_model)
-    fields = dict(source_fields)
-    if family == "dynamic_moe":
-        fields["norm_topk_prob"] = True  # the source's weights sum to 1 (module docstring)
+    fields = dict(source_fields)  # the source's weighting too: top-p keeps Mixtral's renormalisation (module docstring)
     fields.update(family_options)
     structure = (fields.pop("num_experts"), fields.pop("num_experts_per_tok"), fields.pop("moe_layers"))
     return build_moe_config(text_config, family, *structure, **fields), source_fields
@@ -371,7 +363,9 @@ def _origins(source_model, moe, read) -> dict:
     available = set(read.keys())
     origins = {f"{backbone}.{key}": [source] for key, source in backbone_keys.items() if source in available}
     unexpected = sorted(set(origins) - outputs)
-    missing = sorted(n for n in outputs - set(origins) - tied if n.startswith(f"{backbone}.") and not n.startswith(block_paths))
+    missing = sorted(
+        n for n in outputs - set(origins) - tied if n.startswith(f"{backbone}.") and not n.startswith(block_paths)
+    )
     if unexpected or missing:
         raise ValueError(
             f"{type(source_model).__name__} does not map onto {type(moe.backbone).__name__}: unexpected "
@@ -401,10 +395,10 @@ def _read_all(read, keys):
         yield read.get(key)
 
 
-def _finish(zero: bool):
+def _finish(family, zero: bool):
     def finish(module):
-        if zero and isinstance(module, HyperExpertGenerator):
-            zero_hyper_expert(module)
+        if zero and family.zero_added_output is not None:
+            family.zero_added_output(module)
 
     return finish
 
@@ -413,16 +407,15 @@ def conversion_note(source_fields: dict, config, zero_hyper_expert: bool) -> str
     """Why the converted model will not reproduce the source (float32, eval mode, nothing dropped), or None."""
     source_k, top_k = source_fields["num_experts_per_tok"], config.num_experts_per_tok
     changes = []
-    if config.model_type == "dynamic_moe":
+    if config.fixed_experts_per_token is None:
         changes.append(
-            f"top-p routing (router_top_p={config.router_top_p}) replaces the source's top-{source_k}, so tokens "
-            "whose top-p set differs from their top-k set are computed differently"
+            f"{config.routing_summary()} routing replaces the source's top-{source_k}, so tokens whose selected set "
+            "differs from their top-k set are computed differently"
         )
-    else:
-        if top_k != source_k:
-            changes.append(f"num_experts_per_tok changed from {source_k} to {top_k}")
-        if config.normalize_topk(top_k) != source_fields["norm_topk_prob"]:
-            changes.append(f"norm_topk_prob differs from the source's ({source_fields['norm_topk_prob']})")
+    elif top_k != source_k:
+        changes.append(f"num_experts_per_tok changed from {source_k} to {top_k}")
+    if config.normalize_topk(top_k) != source_fields["norm_topk_prob"]:
+        changes.append(f"norm_topk_prob differs from the source's ({source_fields['norm_topk_prob']})")
     return why_not_exact(config, zero_hyper_expert, changes)
 
 
@@ -445,8 +438,8 @@ def convert_moe_model(source_model: PreTrainedModel, family: str, *, zero_hyper_
     config, source_fields = _moe_config(source_model, family, family_options)
     head = _source_head(source_model.config, type(source_model).__name__)
     with torch.random.fork_rng(devices=[]):  # new HyperMoE parameters: deterministic, global RNG untouched
-        moe = MODEL_CLASSES[FAMILY_BY_MODEL_TYPE[family], head](config).to(source_model.dtype)
-        initialise_new_modules(moe, 0, _finish(zero_hyper_expert))
+        moe = MODEL_CLASSES[get_family(family).class_prefix, head](config).to(source_model.dtype)
+        initialise_new_modules(moe, 0, _finish(moe.family, zero_hyper_expert))
     state = moe.state_dict()
     for name, origin in _origins(source_model, moe, source_model.state_dict()).items():
         chunks = list(origin())
@@ -503,8 +496,10 @@ def convert_moe(
             config.dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
         config.text_config.dtype = config.dtype
         with torch.device("meta"):
-            moe = MODEL_CLASSES[FAMILY_BY_MODEL_TYPE[family], head](config)
-        plan = StreamingPlan(moe, _origins(source_model, moe, checkpoint), config.dtype, 0, _finish(zero_hyper_expert))
+            moe = MODEL_CLASSES[get_family(family).class_prefix, head](config)
+        plan = StreamingPlan(
+            moe, _origins(source_model, moe, checkpoint), config.dtype, 0, _finish(moe.family, zero_hyper_expert)
+        )
         plan.save(staging, max_shard_size, progress)
         note = conversion_note(source_fields, config, zero_hyper_expert)
         if note:
@@ -522,4 +517,4 @@ def convert_moe(
     return write_conversion(source, output_dir, convert, overwrite=overwrite, verify=verify, revision=revision)
 
 
-__all__ = ["SUPPORTED_CONVERSIONS", "check_supported", "conversion_note", "convert_moe", "convert_moe_model"]
+__all__ = ["check_supported", "conversion_note", "convert_moe", "convert_moe_model"]

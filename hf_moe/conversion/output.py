@@ -27,7 +27,8 @@ from .verify import report_table, verify_conversion
 
 logger = logging.getLogger(__name__)
 
-# not carried: weight files and exported copies of the source model (none describes the converted model), and: the config and card the conversion writes, weight indexes, and the dense model's own code
+# not carried: weight files and exported copies of the source model (none describes the converted model), and: the
+# config and card the conversion writes, weight indexes, and the dense model's own code
 _NOT_CARRIED = ("config.json", "README.md")
 _NOT_CARRIED_SUFFIXES = (*WEIGHT_SUFFIXES, ".index.json", ".py", ".pyc")
 

@@ -15,7 +15,6 @@ from transformers.core_model_loading import (
 )
 from transformers.dynamic_module_utils import custom_object_save
 
-from ..modeling import CUSTOM_INIT_MODULES
 from .safetensors_io import SafetensorsSource, write_sharded
 from .structure import init_seed, module_path
 
@@ -126,7 +125,7 @@ def _init_units(moe, names):
         unit = None
         while True:
             module = moe.get_submodule(path)
-            if isinstance(module, CUSTOM_INIT_MODULES) and _covers(module, moe, name):
+            if isinstance(module, moe.init_module_types) and _covers(module, moe, name):
                 unit = module
                 break
             if not path:
@@ -145,7 +144,7 @@ def _covers(unit, moe, name) -> bool:
     module = unit
     for part in relative.split(".")[:-1]:
         module = getattr(module, part)
-        if isinstance(module, CUSTOM_INIT_MODULES):
+        if isinstance(module, moe.init_module_types):
             return False
     return True
 

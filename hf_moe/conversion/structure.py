@@ -7,24 +7,20 @@ import zlib
 
 import torch
 
-from ..modeling import (
-    CUSTOM_INIT_MODULES,
-    FAMILY_CONFIG_CLASSES,
-    HEADS,
-    HyperExpertGenerator,
-)
+from ..modeling import HEADS, get_family
 
 
 def build_moe_config(dense_config, family: str, num_experts: int, num_experts_per_tok: int, moe_layers, **options):
-    """The family config over `dense_config`, renormalised top-k by default so that upcycling preserves the function."""
-    if family not in FAMILY_CONFIG_CLASSES:
-        raise ValueError(f"Unknown family {family!r}; choose one of {', '.join(FAMILY_CONFIG_CLASSES)}.")
-    if family != "dynamic_moe":
+    """The family config over `dense_config`. Where the family leaves renormalisation to k (`norm_topk_prob=None`),
+    it is turned on so that upcycling preserves the function; a family with its own default (top-p's raw
+    probabilities, as in its paper) keeps it."""
+    config_class = get_family(family).config_class
+    if config_class.norm_topk_prob is None:
         options.setdefault("norm_topk_prob", True)
     text_config = copy.deepcopy(dense_config)
     if hasattr(text_config, "quantization_config"):
         del text_config.quantization_config  # the MoE is built unquantised (GGUF sources arrive dequantised)
-    return FAMILY_CONFIG_CLASSES[family](
+    return config_class(
         text_config=text_config,
         num_experts=num_experts,
         num_experts_per_tok=num_experts_per_tok,
@@ -57,17 +53,6 @@ def module_path(root, module) -> str:
     raise KeyError(module)
 
 
-@torch.no_grad()
-def zero_hyper_expert(generator: HyperExpertGenerator):
-    """Make the HyperExpert add exactly 0 until trained, as an upcycled or converted model should at step 0, while
-    every head still learns: only the up-projection heads (W_up, b_up) are zeroed, so the output is 0 and the
-    up-projection gets gradient from the non-zero hidden activations; zeroing the down-projection too would leave
-    ReLU(0) in between, whose zero derivative would stop W_down and b_down (and W_up) from ever training (docs/upcycling.md §3)."""
-    for head in (generator.weight_up, generator.bias_up):
-        torch.nn.init.zeros_(head.weight)
-        torch.nn.init.zeros_(head.bias)
-
-
 def init_seed(seed: int, path: str) -> int:
     """The seed of the new module at `path`: each module draws the same numbers whatever else the model holds and in
     whichever order modules are initialised, so streaming and in-memory conversions agree."""
@@ -79,22 +64,22 @@ def initialise_new_modules(model, seed: int, finish):
     """Re-initialise every hf-moe module of a model built in memory as the streaming conversion does (own seed, own
     `reset_parameters`, then `finish(module)`); the conversion then overwrites what it takes from its source."""
     for path, module in model.named_modules():
-        if isinstance(module, CUSTOM_INIT_MODULES):
+        if isinstance(module, model.init_module_types):
             torch.manual_seed(init_seed(seed, path))
             module.reset_parameters()
             finish(module)
 
 
-def why_not_exact(config, zero_hyper_expert: bool, changes=()) -> str | None:
+def why_not_exact(config, zeroed: bool, changes=()) -> str | None:
     """Why a converted model of `config` will not compute its source's function at step 0 (float32, eval mode), or
-    None: the family's reasons (docs/upcycling.md §3), then the conversion's own `changes`."""
-    reasons = []
-    if config.model_type == "mh_moe":
-        reasons.append("MH-MoE experts act on d/h-wide sub-tokens, so they start fresh rather than as FFN copies")
-    if config.model_type == "dynamic_moe" and not config.norm_topk_prob:
-        reasons.append("top-p with raw probabilities scales each FFN output by its kept mass (norm_topk_prob=True fixes it)")
-    if config.model_type == "hypermoe" and not zero_hyper_expert:
-        reasons.append("HyperMoE adds a tiny generated adapter (about 1e-3 relative; zero_hyper_expert=True removes it)")
+    None: the family's reason (docs/upcycling.md §3), the routing's, then the conversion's own `changes` (`zeroed`:
+    the family's `zero_added_output` was applied)."""
+    reasons = [reason for reason in [get_family(config.model_type).upcycling_departure(config, zeroed)] if reason]
+    if not config.normalize_topk(config.num_experts_per_tok):
+        reasons.append(
+            f"{config.routing_summary()} routing with raw probabilities scales each FFN output by its kept mass "
+            "(norm_topk_prob=True fixes it)"
+        )
     if config.expert_capacity_factor is not None:
         reasons.append("the capacity rule (expert_capacity_factor) drops tokens")
     return "; ".join([*reasons, *changes]) or None

@@ -16,15 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
-from ..modeling import (
-    FAMILY_BY_MODEL_TYPE,
-    HEADS,
-    MODEL_CLASSES,
-    HyperExpertGenerator,
-    MoeFeedForward,
-    Router,
-    get_adapter,
-)
+from ..modeling import HEADS, MODEL_CLASSES, MoeFeedForward, get_adapter, get_family
 from .output import Converted, source_name, write_conversion
 from .safetensors_io import SafetensorsSource
 from .streaming import StreamingPlan, checkpoint_dtype
@@ -34,7 +26,6 @@ from .structure import (
     initialise_new_modules,
     module_path,
     why_not_exact,
-    zero_hyper_expert,
 )
 
 logger = logging.getLogger(__name__)
@@ -48,7 +39,7 @@ class UpcycleOptions:
     reinit_fraction: float = 0.0  # Drop-Upcycling: fraction of each expert's FFN neurons re-initialised
     router_init: str = "normal"  # "normal" (std below) or "zeros"
     router_init_std: float | None = None  # None: the config's initializer_range
-    zero_hyper_expert: bool = False  # HyperMoE: zero the generator's up-projection heads: the HyperExpert starts at 0
+    zero_hyper_expert: bool = False  # zero what the family adds to the experts (HyperMoE: the HyperExpert starts at 0)
     seed: int = 0
 
     def __post_init__(self):
@@ -62,7 +53,9 @@ class UpcycleOptions:
 
 def _not_exact(config, options: UpcycleOptions) -> str | None:
     changes = ["expert noise / Drop-Upcycling re-initialisation change the experts"]
-    return why_not_exact(config, options.zero_hyper_expert, changes if options.expert_noise_std or options.reinit_fraction else ())
+    return why_not_exact(
+        config, options.zero_hyper_expert, changes if options.expert_noise_std or options.reinit_fraction else ()
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -83,7 +76,10 @@ def expert_tensor(dense: dict, name: str, expert: int, layer_key: str, options: 
                 continue
             # Drop-Upcycling: re-drawn from a normal with the dense matrix's own mean and std
             generator = _generator(options.seed, layer_key, expert, name, part)
-            fresh = torch.randn(len(neurons), rows.shape[1], generator=generator) * rows.float().std() + rows.float().mean()
+            fresh = (
+                torch.randn(len(neurons), rows.shape[1], generator=generator) * rows.float().std()
+                + rows.float().mean()
+            )
             rows[neurons] = fresh.to(tensor.dtype)
     if options.expert_noise_std > 0 and not name.endswith("_bias"):
         generator = _generator(options.seed + 1, layer_key, expert, name)
@@ -107,15 +103,16 @@ def _generator(seed: int, *key) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(repr(key).encode()))
 
 
-def finish_new_module(module, options: UpcycleOptions):
-    """Apply the options to a freshly initialised hf-moe module (routers, HyperMoE generators)."""
-    if isinstance(module, Router):
+def finish_new_module(module, family, options: UpcycleOptions):
+    """Apply the options to a freshly initialised hf-moe module of `family` (routers: the modules with
+    `init_trainable`; what the family adds)."""
+    if hasattr(module, "init_trainable"):
         if options.router_init == "zeros":
-            torch.nn.init.zeros_(module.weight)
+            module.init_trainable(0.0)
         elif options.router_init_std is not None:
-            torch.nn.init.normal_(module.weight, std=options.router_init_std, generator=_generator(options.seed, "router"))
-    if isinstance(module, HyperExpertGenerator) and options.zero_hyper_expert:
-        zero_hyper_expert(module)
+            module.init_trainable(options.router_init_std, _generator(options.seed, "router"))
+    if options.zero_hyper_expert and family.zero_added_output is not None:
+        family.zero_added_output(module)
 
 
 def _paired_moe_blocks(dense_backbone, moe_model):
@@ -145,7 +142,9 @@ def upcycle_model(
 ) -> PreTrainedModel:
     """A loaded dense transformers model -> the same model as an MoE of `family` (a model type, e.g. "hypermoe"),
     with the tensors the streaming `upcycle` writes for the same seed."""
-    config = build_moe_config(dense_model.config, family, num_experts, num_experts_per_tok, moe_layers, **family_options)
+    config = build_moe_config(
+        dense_model.config, family, num_experts, num_experts_per_tok, moe_layers, **family_options
+    )
     moe = _upcycle_loaded(dense_model, config, options)
     if note := _not_exact(config, options):
         logger.warning("Not function-preserving at step 0: %s.", note)
@@ -155,21 +154,26 @@ def upcycle_model(
 @torch.no_grad()
 def _upcycle_loaded(dense_model, config, options: UpcycleOptions):
     head = head_of(dense_model.config, type(dense_model).__name__) or "Model"
+    moe_family = get_family(config.model_type)
     with torch.random.fork_rng(devices=[]):
-        moe = MODEL_CLASSES[FAMILY_BY_MODEL_TYPE[config.model_type], head](config).to(dense_model.dtype)
-        initialise_new_modules(moe, options.seed, functools.partial(finish_new_module, options=options))
+        moe = MODEL_CLASSES[moe_family.class_prefix, head](config).to(dense_model.dtype)
+        initialise_new_modules(
+            moe, options.seed, functools.partial(finish_new_module, family=moe_family, options=options)
+        )
     dense_state = dense_model.state_dict()
     result = moe.backbone.load_state_dict(dense_state, strict=False)
     ffn_keys = set(dense_state) - set(moe.backbone.state_dict())
     if set(result.unexpected_keys) - ffn_keys:
         raise ValueError(f"Dense weights without a place in the MoE model: {sorted(result.unexpected_keys)[:5]}")
     adapter = get_adapter(config.text_config.model_type)
+    if not moe_family.experts_from_dense_ffn:  # e.g. sub-token experts (docs/upcycling.md §3)
+        return moe.train(dense_model.training)
     for layer_key, dense_layer, _, block in _paired_moe_blocks(dense_model, moe):
-        if config.model_type == "mh_moe":
-            continue  # sub-token experts cannot be FFN copies (docs/upcycling.md §3)
         dense = adapter.dense_ffn_weights(dense_layer)
         for name, param in block.moe.experts.named_parameters():
-            param.copy_(torch.stack([expert_tensor(dense, name, e, layer_key, options) for e in range(config.num_experts)]))
+            param.copy_(
+                torch.stack([expert_tensor(dense, name, e, layer_key, options) for e in range(config.num_experts)])
+            )
     return moe.train(dense_model.training)
 
 
@@ -227,7 +231,8 @@ def upcycle(
             summary=f"Upcycled by `hf_moe.conversion.upcycle` from {origin} into `{family}`, with these options:",
             settings={"num_experts": num_experts, "num_experts_per_tok": num_experts_per_tok, **family_options,
                       **asdict(options)},
-            exactness=f"Function-preserving at step 0: {'no — ' + note if note else 'yes (every expert is the dense FFN)'}.",
+            exactness="Function-preserving at step 0: "
+            f"{'no — ' + note if note else 'yes (every expert is the dense FFN)'}.",
         )
 
     return write_conversion(source, output_dir, convert, overwrite=overwrite, verify=verify, revision=revision,
@@ -244,8 +249,9 @@ def _load_gguf(folder, gguf_file):
 def _upcycle_streaming(folder, staging, dense_config, config, options, max_shard_size, progress):
     """Write the MoE checkpoint (weights, config, modeling code) into `staging`; returns the (meta) MoE model."""
     head = head_of(dense_config) or "Model"
+    moe_family = get_family(config.model_type)
     with torch.device("meta"):
-        moe = MODEL_CLASSES[FAMILY_BY_MODEL_TYPE[config.model_type], head](config)
+        moe = MODEL_CLASSES[moe_family.class_prefix, head](config)
         dense = HEADS[head].from_config(dense_config)
     source = SafetensorsSource(folder)
     dense_shapes = {key: tuple(tensor.shape) for key, tensor in dense.state_dict().items()}
@@ -254,7 +260,7 @@ def _upcycle_streaming(folder, staging, dense_config, config, options, max_shard
             raise ValueError(f"Tensor {key!r} has shape {source.shape(key)} in the source, but its config implies "
                              f"{dense_shapes[key]}: the checkpoint does not match its config.json.")
     plan = StreamingPlan(moe, _origins(source, dense, moe, options), checkpoint_dtype(source, config.text_config.dtype),
-                         options.seed, functools.partial(finish_new_module, options=options))
+                         options.seed, functools.partial(finish_new_module, family=moe_family, options=options))
     plan.save(staging, max_shard_size, progress)
     return moe
 
@@ -269,8 +275,8 @@ def _origins(source, dense, moe, options) -> dict:
         for key in source.weight_map
         if f"{backbone}.{key}" in outputs
     }
-    if moe.config.model_type == "mh_moe":
-        return origins  # sub-token experts start fresh (docs/upcycling.md §3)
+    if not moe.family.experts_from_dense_ffn:
+        return origins  # e.g. sub-token experts start fresh (docs/upcycling.md §3)
     dense_ffn = _DenseFfn(source, moe.config.text_config)
     for layer_key, dense_layer, moe_layer, block in _paired_moe_blocks(dense, moe):
         layer_path = module_path(dense, dense_layer)

@@ -1,5 +1,6 @@
 """Self-contained modeling code (imports only torch, transformers and sibling files) that checkpoints can carry."""
 
+from .backbones import ADAPTERS, BackboneAdapter, get_adapter
 from .configuration_hf_moe import (
     DynamicMoeConfig,
     HyperMoeConfig,
@@ -8,20 +9,12 @@ from .configuration_hf_moe import (
     MultiHeadMoeConfig,
     TopKMoeConfig,
 )
+from .dynamic_moe import DynamicMoeLayer
 from .experts import BiasedExperts, FfnSpec, GatedExperts, PlainExperts, SortedLoopExperts, build_experts
-from .moe_dynamic import DynamicMoeLayer
-from .moe_hypermoe import HyperExpertGenerator, HyperMoeLayer
-from .moe_hyperrouter import HyperRouterGate, HyperRouterLayer
-from .moe_mh import MultiHeadMoeLayer, mh_moe_matched_sizes
-from .moe_topk import MoeLayerOutput, Router, TopKMoeLayer
-from .backbones import ADAPTERS, BackboneAdapter, get_adapter
-from .modeling_hf_moe import (
-    CUSTOM_INIT_MODULES,
-    FAMILIES,
-    FAMILY_BY_MODEL_TYPE,
-    FAMILY_CONFIG_CLASSES,
-    HEADS,
-    MoeFeedForward,
-    MoePreTrainedModel,
-)
+from .hypermoe import HyperExpertGenerator, HyperMoeLayer
+from .hyperrouter import HyperRouterGate, HyperRouterLayer
+from .mh_moe import MultiHeadMoeLayer, mh_moe_matched_sizes
 from .modeling_families import MODEL_CLASSES
+from .modeling_hf_moe import HEADS, MoeFeedForward, MoePreTrainedModel
+from .registry import REGISTRY, MoeFamily, all_families, check_family, get_family
+from .topk_moe import MoeLayerOutput, Router, TopKMoeLayer

@@ -22,6 +22,7 @@ class BackboneAdapter:
     stacks: Callable  # transformers model -> {"encoder" | "decoder": [layer, ...]}
     install: Callable  # (layer, block) -> None
     dense_ffn_weights: Callable  # dense layer -> {name: tensor}
+    attention_modules: tuple[str, ...]  # names of the attention projections (PEFT's `target_modules`)
     block_dropout: Callable = lambda config: 0.0  # dropout the replaced FFN applied to its own output (GPT-2)
 
 
@@ -45,6 +46,7 @@ BERT = BackboneAdapter(
         "down_proj": layer.output.dense.weight,
         "down_proj_bias": layer.output.dense.bias,
     },
+    attention_modules=("query", "key", "value"),
 )
 
 
@@ -63,6 +65,7 @@ GPT2 = BackboneAdapter(
         "down_proj": layer.mlp.c_proj.weight.t(),
         "down_proj_bias": layer.mlp.c_proj.bias,
     },
+    attention_modules=("c_attn",),
     block_dropout=lambda c: c.resid_pdrop,
 )
 
@@ -82,6 +85,7 @@ LLAMA = BackboneAdapter(
         "gate_up_proj": torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]),
         "down_proj": layer.mlp.down_proj.weight,
     },
+    attention_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
 )
 
 
@@ -112,6 +116,7 @@ T5 = BackboneAdapter(
     stacks=_t5_stacks,
     install=_t5_install,
     dense_ffn_weights=_t5_dense_ffn_weights,
+    attention_modules=("q", "k", "v", "o"),
 )
 
 

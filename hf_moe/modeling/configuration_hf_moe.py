@@ -35,7 +35,33 @@ class MoeConfig(PreTrainedConfig):
         router_z_loss_coef (`float`, defaults to 0.0): weight of the ST-MoE router z-loss.
         router_jitter_noise (`float`, defaults to 0.0): multiplicative U(1-eps, 1+eps) noise on the router input,
             in training only.
-        expert_capacity_factor (`float`, *optional*): Switch-style capacity; `None` is dropless.
+        router_jitter_scope (`str`, defaults to `"router"`): what the jitter multiplies (docs/topk.md §6, item 4):
+            `"router"` a copy of the router input, in training; `"input"` the layer input, in training, so the experts
+            see the noise too (Mixtral, Switch); `"input_always"` the layer input in training and at eval (HyperMoE's
+            vendored Switch).
+        router_dtype (`str`, defaults to `"float32"`): the dtype of the router's logits (docs/topk.md §6, item 3):
+            float32 or wider; `"model"` the model dtype, as the official codes: top-k then takes the softmax in
+            float32 (Mixtral), top-p sorts and sums the model-dtype probabilities (Dynamic MoE), HyperRouter generates
+            its router in the model dtype. Losses and statistics stay in float32.
+        router_loss_pooling (`str`, defaults to `"per_layer"`): how the balance loss and z-loss pool the MoE layers
+            (docs/topk.md §6, items 1-2): `"per_layer"` each layer's losses over its non-padding tokens, summed;
+            `"mixtral"` transformers' `load_balancing_loss_func`, expert fractions and mean probabilities pooled over
+            the non-padding tokens of all layers (z-loss per layer); `"switch"` Switch Transformers' losses per stack,
+            summed over stacks: the stack's layers concatenated along the sequence axis, padding included, balance
+            statistics per sequence after capacity drops (a dropped slot counts as expert 0) averaged over sequences,
+            z-loss the mean over all tokens.
+        expert_capacity_factor (`float`, *optional*): capacity of `expert_capacity_rule="hf_moe"`; `None` is dropless.
+        expert_capacity_rule (`str`, defaults to `"hf_moe"`): which slots an expert drops; first choices claim capacity
+            before second choices, then in token order. `"hf_moe"`: at most ceil(expert_capacity_factor * S / E) of
+            the S routed slots of the batch's non-padding tokens (docs/topk.md §7); `"switch"`: at most
+            `expert_capacity` tokens of each sequence, padding included (Switch, docs/topk.md §6, item 5);
+            `"gshard"`: at most k * ceil(S' / E) of the S' routed rows of the batch (MH-MoE's official gate,
+            docs/mh_moe.md §6, item 3).
+        expert_capacity (`int`, *optional*): the per-sequence count of `expert_capacity_rule="switch"` (64 in
+            HyperMoE's Switch runs).
+        dropped_token_output (`str`, defaults to `"zero"`): what a slot dropped for capacity adds to its token:
+            `"zero"` nothing (transformers 5.x Switch); `"scaled_input"` its weight times the input, p_max * x at
+            k = 1 (transformers 4.x Switch, HyperMoE's vendored copy; docs/hypermoe.md §6, item 3).
         output_router_logits (`bool`, defaults to `False`): return every MoE layer's router logits.
         initializer_range (`float`, defaults to 0.02): std of the router and expert initialisation.
     """
@@ -54,7 +80,13 @@ class MoeConfig(PreTrainedConfig):
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.0
     router_jitter_noise: float = 0.0
+    router_jitter_scope: str = "router"
+    router_dtype: str = "float32"
+    router_loss_pooling: str = "per_layer"
     expert_capacity_factor: float | None = None
+    expert_capacity_rule: str = "hf_moe"
+    expert_capacity: int | None = None
+    dropped_token_output: str = "zero"
     output_router_logits: bool = False
     initializer_range: float = 0.02
 
@@ -101,6 +133,35 @@ class MoeConfig(PreTrainedConfig):
                 self.expert_capacity_factor,
                 "must be > 0, or None for dropless routing",
             )
+        choices = {  # official behaviours (docs/topk.md §6)
+            "router_jitter_scope": ("router", "input", "input_always"),
+            "router_dtype": ("float32", "model"),
+            "router_loss_pooling": ("per_layer", "mixtral", "switch"),
+            "expert_capacity_rule": ("hf_moe", "switch", "gshard"),
+            "dropped_token_output": ("zero", "scaled_input"),
+        }
+        for name, allowed in choices.items():
+            _check(getattr(self, name) in allowed, name, getattr(self, name), f"must be one of {allowed}")
+        if self.expert_capacity_rule == "switch":
+            _check(
+                self.expert_capacity is not None and self.expert_capacity >= 1,
+                "expert_capacity",
+                self.expert_capacity,
+                'must be >= 1 with expert_capacity_rule="switch" (tokens per expert and sequence)',
+            )
+        else:
+            _check(
+                self.expert_capacity is None,
+                "expert_capacity",
+                self.expert_capacity,
+                'applies to expert_capacity_rule="switch" only; set that rule or leave it None',
+            )
+        _check(
+            self.expert_capacity_factor is None or self.expert_capacity_rule == "hf_moe",
+            "expert_capacity_factor",
+            self.expert_capacity_factor,
+            f'applies to expert_capacity_rule="hf_moe" only, not "{self.expert_capacity_rule}"; leave it None',
+        )
         _check(self.initializer_range > 0, "initializer_range", self.initializer_range, "must be > 0")
 
     def _check_every_stack_has_moe_layer(self):
@@ -137,6 +198,15 @@ class MoeConfig(PreTrainedConfig):
         """Whether the selected probabilities are renormalised at this k (docs/topk.md §2)."""
         return top_k >= 2 if self.norm_topk_prob is None else self.norm_topk_prob
 
+    @property
+    def fixed_experts_per_token(self) -> int | None:
+        """Experts each token takes, or None where routing decides it per token."""
+        return self.num_experts_per_tok
+
+    def routing_summary(self) -> str:
+        """The routing rule in a few characters, for model cards and conversion notes ("top-2")."""
+        return f"top-{self.num_experts_per_tok}"
+
 
 def _check(ok: bool, field: str, value, requirement: str):
     if not ok:
@@ -161,6 +231,12 @@ class HyperMoeConfig(MoeConfig):
         hyper_layer_embedding_dim (`int`, defaults to 10): layer embedding of the shared generator.
         hyper_hidden_dim (`int`, defaults to 128): width of the generator trunk.
         hyper_adapter_rank (`int`, defaults to 64): bottleneck r of the generated adapter d -> r -> d.
+        hyper_init (`str`, defaults to `"tiny"`): `"tiny"` is the official generator init (HyperMoE starts as the plain
+            MoE); `"normal"` draws every Linear and Embedding weight of the HyperMoE modules from
+            N(0, initializer_range) with zero biases, as GPT-2's generic init does in the official GPT-2 variant
+            (docs/hypermoe.md §6, item 5).
+        router_type (`str`, defaults to `"linear"`): `"linear"` is the router of docs/topk.md; `"noisy_top_k"` is the
+            official GPT-2 variant's noisy top-k gate and its CV² balance loss (docs/hypermoe.md §6, item 7).
     """
 
     model_type = "hypermoe"
@@ -169,11 +245,26 @@ class HyperMoeConfig(MoeConfig):
     hyper_layer_embedding_dim: int = 10
     hyper_hidden_dim: int = 128
     hyper_adapter_rank: int = 64
+    hyper_init: str = "tiny"
+    router_type: str = "linear"
 
     def validate_moe_fields(self):
         super().validate_moe_fields()
         for name in ("hyper_embedding_dim", "hyper_layer_embedding_dim", "hyper_hidden_dim", "hyper_adapter_rank"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        _check(self.hyper_init in ("tiny", "normal"), "hyper_init", self.hyper_init, 'must be "tiny" or "normal"')
+        _check(
+            self.router_type in ("linear", "noisy_top_k"),
+            "router_type",
+            self.router_type,
+            'must be "linear" or "noisy_top_k"',
+        )
+        _check(
+            self.router_type == "linear" or self.router_loss_pooling == "per_layer",
+            "router_type",
+            self.router_type,
+            'has its own per-layer balance loss (CV²): use it with router_loss_pooling="per_layer"',
+        )
 
 
 @strict
@@ -185,6 +276,9 @@ class HyperRouterConfig(MoeConfig):
 
     Args:
         hyper_router_hidden_dim (`int`, defaults to 256): hypernetwork width H (every published run used 256).
+        router_dense_uniform (`bool`, defaults to `False`): route every token to all E experts with weight 1/E, the
+            official evaluation "with all experts" (`set_router_mode`); read at every forward, so it can be set on
+            `model.config` before an evaluation (docs/hyperrouter.md §6, item 3).
     """
 
     model_type = "hyperrouter"
@@ -192,6 +286,7 @@ class HyperRouterConfig(MoeConfig):
     norm_topk_prob: bool | None = True
     router_aux_loss_coef: float = 0.0
     hyper_router_hidden_dim: int = 256
+    router_dense_uniform: bool = False
 
     def validate_moe_fields(self):
         super().validate_moe_fields()
@@ -201,7 +296,9 @@ class HyperRouterConfig(MoeConfig):
             self.norm_topk_prob,
             "cannot be False for HyperRouter, whose gate is a softmax over the k selected logits",
         )
-        _check(self.hyper_router_hidden_dim >= 1, "hyper_router_hidden_dim", self.hyper_router_hidden_dim, "must be >= 1")
+        _check(
+            self.hyper_router_hidden_dim >= 1, "hyper_router_hidden_dim", self.hyper_router_hidden_dim, "must be >= 1"
+        )
 
     def normalize_topk(self, top_k: int) -> bool:
         return True  # softmax over the k selected logits, also for k = 1
@@ -216,15 +313,65 @@ class MultiHeadMoeConfig(MoeConfig):
 
     Args:
         moe_num_heads (`int`, defaults to 4): h, the number of sub-tokens per token (v1 main runs).
+        moe_residual_inside (`bool`, defaults to `False`): add each sub-token to its experts' output before the merge,
+            as paper v1 Eq. 6 does; the block's own residual stays (docs/mh_moe.md §6, item 1).
+        router_type (`str`, defaults to `"linear"`): `"linear"` is the softmax gate of the official code;
+            `"xmoe"` is the X-MoE cosine router the paper describes (docs/mh_moe.md §6, item 2).
+        router_xmoe_dim (`int`, defaults to 16): width of the X-MoE routing space and expert embeddings.
+        router_temperature (`float`, defaults to 0.07): fixed temperature tau dividing the X-MoE cosine scores.
+        router_aux_loss_top1 (`bool`, defaults to `False`): count only each sub-token's first choice in the balance
+            loss, as the official `gshard_loss` does (docs/mh_moe.md §6, item 4).
+        router_ignore_padding_tokens (`bool`, defaults to `True`): keep padding sub-tokens out of the router's losses,
+            statistics and capacity count; `False` routes them like real ones, as the official gate does, which
+            never reads the mask (docs/mh_moe.md §6, item 5).
+        head_proj_bias_init (`str`, defaults to `"zeros"`): `"torch_default"` keeps PyTorch's nn.Linear bias init
+            U(±1/sqrt(d)) for `head_proj.bias`, as the official code does (docs/mh_moe.md §6, item 6).
+        router_init (`str`, defaults to `"normal"`): `"normal"` draws the linear router from N(0, initializer_range);
+            `"torch_default"` uses PyTorch's nn.Linear init, as the official gate (docs/mh_moe.md §6, item 8).
     """
 
     model_type = "mh_moe"
 
     moe_num_heads: int = 4
+    moe_residual_inside: bool = False
+    router_type: str = "linear"
+    router_xmoe_dim: int = 16
+    router_temperature: float = 0.07
+    router_aux_loss_top1: bool = False
+    router_ignore_padding_tokens: bool = True
+    head_proj_bias_init: str = "zeros"
+    router_init: str = "normal"
 
     def validate_moe_fields(self):
         super().validate_moe_fields()
         _check(self.moe_num_heads >= 1, "moe_num_heads", self.moe_num_heads, "must be >= 1")
+        _check(self.router_type in ("linear", "xmoe"), "router_type", self.router_type, 'must be "linear" or "xmoe"')
+        _check(self.router_xmoe_dim >= 1, "router_xmoe_dim", self.router_xmoe_dim, "must be >= 1")
+        _check(self.router_temperature > 0, "router_temperature", self.router_temperature, "must be > 0")
+        _check(
+            self.head_proj_bias_init in ("zeros", "torch_default"),
+            "head_proj_bias_init",
+            self.head_proj_bias_init,
+            'must be "zeros" or "torch_default"',
+        )
+        _check(
+            self.router_init in ("normal", "torch_default"),
+            "router_init",
+            self.router_init,
+            'must be "normal" or "torch_default"',
+        )
+        _check(
+            self.router_init == "normal" or self.router_type == "linear",
+            "router_init",
+            self.router_init,
+            'applies to the linear router only; the "xmoe" router has its own init',
+        )
+        _check(
+            not self.router_aux_loss_top1 or self.router_loss_pooling == "per_layer",
+            "router_aux_loss_top1",
+            self.router_aux_loss_top1,
+            'is a per-layer balance loss: use it with router_loss_pooling="per_layer"',
+        )
         hidden_size = getattr(self.text_config, "hidden_size", None)
         if hidden_size is not None:
             _check(
@@ -255,6 +402,13 @@ class DynamicMoeConfig(MoeConfig):
     router_max_experts: int | None = None
     router_entropy_loss_coef: float = 1e-4
 
+    @property
+    def fixed_experts_per_token(self) -> None:
+        return None
+
+    def routing_summary(self) -> str:
+        return f"top-p {self.router_top_p}"
+
     def validate_moe_fields(self):
         super().validate_moe_fields()
         _check(0 < self.router_top_p <= 1, "router_top_p", self.router_top_p, "must be in (0, 1]")
@@ -265,7 +419,25 @@ class DynamicMoeConfig(MoeConfig):
                 self.router_max_experts,
                 f"must be between 1 and num_experts ({self.num_experts}), or None",
             )
-        _check(self.router_entropy_loss_coef >= 0, "router_entropy_loss_coef", self.router_entropy_loss_coef, "must be >= 0")
+        _check(
+            self.router_entropy_loss_coef >= 0,
+            "router_entropy_loss_coef",
+            self.router_entropy_loss_coef,
+            "must be >= 0",
+        )
+        _check(
+            self.router_loss_pooling != "switch",
+            "router_loss_pooling",
+            self.router_loss_pooling,
+            'cannot be "switch" for top-p: Switch would count its empty slots as dropped; use "per_layer" or "mixtral"',
+        )
 
 
-__all__ = ["MoeConfig", "TopKMoeConfig", "HyperMoeConfig", "HyperRouterConfig", "MultiHeadMoeConfig", "DynamicMoeConfig"]
+__all__ = [
+    "MoeConfig",
+    "TopKMoeConfig",
+    "HyperMoeConfig",
+    "HyperRouterConfig",
+    "MultiHeadMoeConfig",
+    "DynamicMoeConfig",
+]

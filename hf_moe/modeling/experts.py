@@ -66,7 +66,9 @@ class SortedLoopExperts(nn.Module):
         pair_order = pair_order[:num_routed]
         token_of_pair = pair_order // top_k  # [P]
         first = (self.gate_up_proj if self.has_gate else self.up_proj).unbind(0)
-        first_bias = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias).unbind(0) if self.has_bias else None
+        first_bias = (
+            (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias).unbind(0) if self.has_bias else None
+        )
         down = self.down_proj.unbind(0)
         down_bias = self.down_proj_bias.unbind(0) if self.has_bias else None
 

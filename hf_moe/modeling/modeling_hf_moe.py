@@ -2,7 +2,7 @@
 replaced by the family's MoE layer. Attention, embeddings, norms, KV cache and attention backends stay transformers'.
 
 Classes are named `<Family><Head>` (e.g. `HyperMoeForSequenceClassification`), declared in modeling_families.py
-(generated from `FAMILIES` and `HEADS` below by utils/generate_model_classes.py). Every head adds
+(generated from the family registry, registry.py, and `HEADS` below by utils/generate_model_classes.py). Every head adds
 `router_aux_loss_coef * aux_loss` (+ z-loss and entropy terms) to the task loss and returns `aux_loss`, and with
 `output_router_logits=True` the router logits of every MoE layer (transformers' generic MoE classification heads
 drop both, docs/topk.md §3).
@@ -33,31 +33,17 @@ from transformers import (
 from transformers.utils.output_capturing import CompileableContextVar
 
 from .backbones import get_adapter
-from .configuration_hf_moe import (
-    DynamicMoeConfig,
-    HyperMoeConfig,
-    HyperRouterConfig,
-    MultiHeadMoeConfig,
-    TopKMoeConfig,
-)
 from .experts import SortedLoopExperts
 from .modeling_outputs import MOE_OUTPUT_CLASSES
-from .moe_dynamic import DynamicMoeLayer
-from .moe_hypermoe import HyperExpertGenerator, HyperMoeLayer
-from .moe_hyperrouter import HyperRouterGate, HyperRouterLayer
-from .moe_mh import MultiHeadMoeLayer
-from .moe_topk import Router, TopKMoeLayer
-
-# modules whose initialisation differs from the backbone's generic one (re-applied after it, skipping loaded tensors)
-# each initialises only its own direct parameters in `reset_parameters`, with guarded (skip-if-loaded) init functions
-CUSTOM_INIT_MODULES = (Router, SortedLoopExperts, HyperMoeLayer, HyperExpertGenerator, HyperRouterGate, MultiHeadMoeLayer)
+from .registry import MoeFamily, get_family
+from .topk_moe import TopKMoeLayer, pooled_router_losses
 
 
 @dataclasses.dataclass
 class RoutingContext:
     """What the MoE blocks of one forward share: each stack's per-token padding mask (`token_padding_mask`) and the
-    list each block appends its `MoeLayerOutput` to (None: record nothing, as when checkpointing recomputes a layer).
-    The model's forward owns it; nothing is stored on the modules, so concurrent forwards do not mix."""
+    list each block appends `(stack, MoeLayerOutput)` to (None: record nothing, as when checkpointing recomputes a
+    layer). The model's forward owns it; nothing is stored on the modules, so concurrent forwards do not mix."""
 
     padding_masks: dict[str, torch.Tensor | None]
     layer_outputs: list | None
@@ -124,7 +110,7 @@ class MoeFeedForward(nn.Module):
             mask = mask[:, -hidden_states.shape[-2] :]
         output = self.moe(hidden_states, mask)
         if context is not None and context.layer_outputs is not None:
-            context.layer_outputs.append(output)
+            context.layer_outputs.append((self.stack, output))
         return self.dropout(output.hidden_states)
 
 
@@ -134,15 +120,15 @@ def _names_parameters(rule: str, parameters: list[str]) -> bool:
     return any(pattern.fullmatch(name) for name in parameters)
 
 
-class _StackGenerator:
-    """The HyperMoE generator of a stack, looked up at every call: PEFT's `modules_to_save` replaces the module in
-    the model's `hyper_generators` with a trainable copy, and the layers must call that copy."""
+class _StackModule:
+    """A family's per-stack module (HyperMoE's generator), looked up at every call: PEFT's `modules_to_save` replaces
+    the module in the model's `hyper_generators` with a trainable copy, and the layers must call that copy."""
 
-    def __init__(self, generators: nn.ModuleDict, stack: str):
-        self.generators, self.stack = generators, stack
+    def __init__(self, modules: nn.ModuleDict, stack: str):
+        self.modules, self.stack = modules, stack
 
     def __call__(self, *args):
-        return self.generators[self.stack](*args)
+        return self.modules[self.stack](*args)
 
 
 class MoePreTrainedModel(PreTrainedModel):
@@ -189,6 +175,16 @@ class MoePreTrainedModel(PreTrainedModel):
         self.post_init()
 
     @property
+    def family(self) -> MoeFamily:
+        """The family's registry record (registry.py)."""
+        return get_family(self.config.model_type)
+
+    @property
+    def init_module_types(self) -> tuple[type, ...]:
+        """Module classes whose own `reset_parameters` initialises their parameters: the experts and the family's."""
+        return (SortedLoopExperts, *self.family.init_modules)
+
+    @property
     def accepts_loss_kwargs(self) -> bool:
         """Whether `Trainer` passes `num_items_in_batch` and then skips its own averaging over accumulation steps and
         processes. True for the causal-LM heads only, whose backbone losses divide their summed token loss by it.
@@ -211,20 +207,21 @@ class MoePreTrainedModel(PreTrainedModel):
         return getattr(self.model, self.backbone_prefix) if self.backbone_prefix else self.model
 
     def _install_moe_layers(self) -> nn.ModuleDict:
-        config = self.config
+        """Replace the FFN of every MoE layer of every stack; returns the family's per-stack modules, if any."""
+        config, stack_module = self.config, self.family.stack_module
         adapter = get_adapter(config.text_config.model_type)
         ffn = adapter.ffn_spec(config.text_config)
-        generators = nn.ModuleDict()
+        stack_modules = nn.ModuleDict()
         for stack, layers in adapter.stacks(self.backbone).items():
             extra = ()
-            if self.layer_class is HyperMoeLayer:  # one generator per stack (docs/hypermoe.md §2)
-                generators[stack] = HyperExpertGenerator(config, ffn.hidden_size, len(layers))
-                extra = (_StackGenerator(generators, stack),)
+            if stack_module is not None:
+                stack_modules[stack] = stack_module(config, ffn.hidden_size, len(layers))
+                extra = (_StackModule(stack_modules, stack),)
             for idx, layer in enumerate(layers):
                 if config.is_moe_layer(idx):
                     moe = self.layer_class(config, ffn, idx, *extra).train(layer.training)
                     adapter.install(layer, MoeFeedForward(moe, stack, adapter.block_dropout(config.text_config)))
-        return generators
+        return stack_modules
 
     def init_parallel_plans(self):
         """The backbone's tensor and expert parallel rules under its path here (`model.` or `model.<prefix>.`), less
@@ -247,8 +244,9 @@ class MoePreTrainedModel(PreTrainedModel):
 
     def initialize_weights(self):
         super().initialize_weights()
+        # each initialises only its own direct parameters, with transformers' skip-if-loaded init functions
         for module in self.modules():
-            if isinstance(module, CUSTOM_INIT_MODULES):
+            if isinstance(module, self.init_module_types):
                 module.reset_parameters()
 
     def moe_blocks(self) -> list[MoeFeedForward]:
@@ -322,12 +320,13 @@ class MoePreTrainedModel(PreTrainedModel):
             }
         else:
             masks = dict.fromkeys(("encoder", "decoder"), token_padding_mask(attention_mask, cache))
-        layer_outputs = []
-        token = _ROUTING_CONTEXT.set(RoutingContext(masks, layer_outputs))
+        recorded = []
+        token = _ROUTING_CONTEXT.set(RoutingContext(masks, recorded))
         try:
             outputs = self.backbone(**inputs, **kwargs, return_dict=True)
         finally:
             _ROUTING_CONTEXT.reset(token)
+        layer_outputs = [o for _, o in recorded]
         if (
             torch.is_grad_enabled()
             and any(not o.router_logits.requires_grad for o in layer_outputs)
@@ -339,13 +338,15 @@ class MoePreTrainedModel(PreTrainedModel):
             )
         output = MOE_OUTPUT_CLASSES[type(outputs)](**outputs)
         if layer_outputs:
-            output.aux_loss = sum(o.aux_loss for o in layer_outputs)
+            stacks = [stack for stack, _ in recorded]
+            output.aux_loss, z_loss = pooled_router_losses(layer_outputs, stacks, self.config.router_loss_pooling)
             if getattr(output, "loss", None) is not None:
-                output.loss = output.loss + self.router_loss(layer_outputs, output.aux_loss, labels, **kwargs)
+                output.loss = output.loss + self.router_loss(layer_outputs, output.aux_loss, z_loss, labels, **kwargs)
             if output_router_logits if output_router_logits is not None else self.config.output_router_logits:
                 output.router_logits = tuple(o.router_logits for o in layer_outputs)
             output.router_stats = tuple(
-                dataclasses.replace(o, hidden_states=None, router_logits=None) for o in layer_outputs
+                dataclasses.replace(o, hidden_states=None, router_logits=None, expert_index=None, token_mask=None)
+                for o in layer_outputs
             )
         return output if return_dict is not False else output.to_tuple()
 
@@ -366,9 +367,9 @@ class MoePreTrainedModel(PreTrainedModel):
         config, text_config = self.config, self.config.text_config
         total = sum(p.numel() for p in self.parameters())
         experts = sum(p.numel() for m in self.modules() if isinstance(m, SortedLoopExperts) for p in m.parameters())
-        top_k, num_experts = config.num_experts_per_tok, config.num_experts
-        if config.model_type == "dynamic_moe":
-            active = f"data-dependent (top-p {config.router_top_p}); {total - experts * (1 - 1 / num_experts):,.0f} at one expert"
+        top_k, num_experts = config.fixed_experts_per_token, config.num_experts
+        if top_k is None:
+            active = f"data-dependent; {total - experts * (1 - 1 / num_experts):,.0f} at one expert"
         else:
             active = f"{total - experts * (1 - top_k / num_experts):,.0f}"
         blocks = self.moe_blocks()
@@ -394,9 +395,10 @@ tags:
 A `{config.model_type}` mixture-of-experts model (`{head}`) over a `{text_config.model_type}` backbone, built with
 [hf-moe](https://pypi.org/project/hf-moe/).
 
-| family | backbone | experts | experts per token | MoE layers | total parameters | active parameters |
+| family | backbone | experts | routing | MoE layers | total parameters | active parameters |
 |---|---|---|---|---|---|---|
-| {config.model_type} | {text_config.model_type} | {num_experts} | {top_k if config.model_type != "dynamic_moe" else f"top-p {config.router_top_p}"} | {moe_layers} | {total:,} | {active} |
+| {config.model_type} | {text_config.model_type} | {num_experts} | {config.routing_summary()} | \
+{moe_layers} | {total:,} | {active} |
 
 ## How to load
 
@@ -421,8 +423,11 @@ model = {auto_class}.from_pretrained("<this repository or folder>", trust_remote
         with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as f:
             f.write(card)
 
-    def router_loss(self, layer_outputs, aux_loss, labels=None, num_items_in_batch=None, shift_labels=None, **kwargs):
-        """router_aux_loss_coef * aux_loss + z-loss and (top-p) entropy terms, each summed over MoE layers.
+    def router_loss(
+        self, layer_outputs, aux_loss, z_loss, labels=None, num_items_in_batch=None, shift_labels=None, **kwargs
+    ):
+        """router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss (both pooled over the MoE layers as
+        `router_loss_pooling` says) + the (top-p) entropy term summed over MoE layers.
 
         When `Trainer` passes `num_items_in_batch` (causal-LM heads, see `accepts_loss_kwargs`), the task loss is
         this micro-batch's token sum over the step's predicted tokens (all micro-batches and processes), and Trainer
@@ -434,7 +439,7 @@ model = {auto_class}.from_pretrained("<this repository or folder>", trust_remote
         config = self.config
         loss = config.router_aux_loss_coef * aux_loss
         if config.router_z_loss_coef:
-            loss = loss + config.router_z_loss_coef * sum(o.z_loss for o in layer_outputs)
+            loss = loss + config.router_z_loss_coef * z_loss
         if getattr(config, "router_entropy_loss_coef", 0):
             loss = loss + config.router_entropy_loss_coef * sum(o.entropy_loss for o in layer_outputs)
         if num_items_in_batch is not None and self.accepts_loss_kwargs:
@@ -442,14 +447,6 @@ model = {auto_class}.from_pretrained("<this repository or folder>", trust_remote
             loss = loss * predicted.ne(-100).sum() / num_items_in_batch
         return loss
 
-
-FAMILIES = {
-    "TopKMoe": (TopKMoeConfig, TopKMoeLayer),
-    "HyperMoe": (HyperMoeConfig, HyperMoeLayer),
-    "HyperRouter": (HyperRouterConfig, HyperRouterLayer),
-    "MultiHeadMoe": (MultiHeadMoeConfig, MultiHeadMoeLayer),
-    "DynamicMoe": (DynamicMoeConfig, DynamicMoeLayer),
-}
 
 HEADS = {
     "Model": AutoModel,
@@ -463,13 +460,7 @@ HEADS = {
 }
 GENERATIVE_HEADS = ("ForCausalLM", "ForConditionalGeneration")
 
-FAMILY_BY_MODEL_TYPE = {config_class.model_type: family for family, (config_class, _) in FAMILIES.items()}
-FAMILY_CONFIG_CLASSES = {config_class.model_type: config_class for config_class, _ in FAMILIES.values()}
-
 __all__ = [
-    "FAMILIES",
-    "FAMILY_BY_MODEL_TYPE",
-    "FAMILY_CONFIG_CLASSES",
     "HEADS",
     "MoeFeedForward",
     "MoePreTrainedModel",

@@ -24,7 +24,7 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 
-from .moe_topk import MoeLayerOutput
+from .topk_moe import MoeLayerOutput
 
 
 @dataclass
@@ -33,7 +33,8 @@ class MoeBaseModelOutputWithPast(BaseModelOutputWithPast):
     `BaseModelOutputWithPast` with the router outputs of the MoE layers.
 
     Args:
-        aux_loss (`torch.Tensor`): load-balancing loss summed over the MoE layers (unweighted).
+        aux_loss (`torch.Tensor`): load-balancing loss of the MoE layers (unweighted), summed over them or pooled
+            as `router_loss_pooling` says.
         router_logits (`tuple[torch.Tensor]`): each MoE layer's router logits (`output_router_logits`).
         router_stats (`tuple[MoeLayerOutput]`): each MoE layer's router statistics, in call order (its
             `hidden_states` and `router_logits` left out).
@@ -50,7 +51,8 @@ class MoeBaseModelOutputWithPastAndCrossAttentions(BaseModelOutputWithPastAndCro
     `BaseModelOutputWithPastAndCrossAttentions` with the router outputs of the MoE layers.
 
     Args:
-        aux_loss (`torch.Tensor`): load-balancing loss summed over the MoE layers (unweighted).
+        aux_loss (`torch.Tensor`): load-balancing loss of the MoE layers (unweighted), summed over them or pooled
+            as `router_loss_pooling` says.
         router_logits (`tuple[torch.Tensor]`): each MoE layer's router logits (`output_router_logits`).
         router_stats (`tuple[MoeLayerOutput]`): each MoE layer's router statistics, in call order (its
             `hidden_states` and `router_logits` left out).
@@ -67,7 +69,8 @@ class MoeBaseModelOutputWithPoolingAndCrossAttentions(BaseModelOutputWithPooling
     `BaseModelOutputWithPoolingAndCrossAttentions` with the router outputs of the MoE layers.
 
     Args:
-        aux_loss (`torch.Tensor`): load-balancing loss summed over the MoE layers (unweighted).
+        aux_loss (`torch.Tensor`): load-balancing loss of the MoE layers (unweighted), summed over them or pooled
+            as `router_loss_pooling` says.
         router_logits (`tuple[torch.Tensor]`): each MoE layer's router logits (`output_router_logits`).
         router_stats (`tuple[MoeLayerOutput]`): each MoE layer's router statistics, in call order (its
             `hidden_states` and `router_logits` left out).
@@ -84,7 +87,8 @@ class MoeCausalLMOutputWithCrossAttentions(CausalLMOutputWithCrossAttentions):
     `CausalLMOutputWithCrossAttentions` with the router outputs of the MoE layers.
 
     Args:
-        aux_loss (`torch.Tensor`): load-balancing loss summed over the MoE layers (unweighted).
+        aux_loss (`torch.Tensor`): load-balancing loss of the MoE layers (unweighted), summed over them or pooled
+            as `router_loss_pooling` says.
         router_logits (`tuple[torch.Tensor]`): each MoE layer's router logits (`output_router_logits`).
         router_stats (`tuple[MoeLayerOutput]`): each MoE layer's router statistics, in call order (its
             `hidden_states` and `router_logits` left out).
@@ -101,7 +105,8 @@ class MoeCausalLMOutputWithPast(CausalLMOutputWithPast):
     `CausalLMOutputWithPast` with the router outputs of the MoE layers.
 
     Args:
-        aux_loss (`torch.Tensor`): load-balancing loss summed over the MoE layers (unweighted).
+        aux_loss (`torch.Tensor`): load-balancing loss of the MoE layers (unweighted), summed over them or pooled
+            as `router_loss_pooling` says.
         router_logits (`tuple[torch.Tensor]`): each MoE layer's router logits (`output_router_logits`).
         router_stats (`tuple[MoeLayerOutput]`): each MoE layer's router statistics, in call order (its
             `hidden_states` and `router_logits` left out).
@@ -118,7 +123,8 @@ class MoeMaskedLMOutput(MaskedLMOutput):
     `MaskedLMOutput` with the router outputs of the MoE layers.
 
     Args:
-        aux_loss (`torch.Tensor`): load-balancing loss summed over the MoE layers (unweighted).
+        aux_loss (`torch.Tensor`): load-balancing loss of the MoE layers (unweighted), summed over them or pooled
+            as `router_loss_pooling` says.
         router_logits (`tuple[torch.Tensor]`): each MoE layer's router logits (`output_router_logits`).
         router_stats (`tuple[MoeLayerOutput]`): each MoE layer's router statistics, in call order (its
             `hidden_states` and `router_logits` left out).
@@ -135,7 +141,8 @@ class MoeMultipleChoiceModelOutput(MultipleChoiceModelOutput):
     `MultipleChoiceModelOutput` with the router outputs of the MoE layers.
 
     Args:
-        aux_loss (`torch.Tensor`): load-balancing loss summed over the MoE layers (unweighted).
+        aux_loss (`torch.Tensor`): load-balancing loss of the MoE layers (unweighted), summed over them or pooled
+            as `router_loss_pooling` says.
         router_logits (`tuple[torch.Tensor]`): each MoE layer's router logits (`output_router_logits`).
         router_stats (`tuple[MoeLayerOutput]`): each MoE layer's router statistics, in call order (its
             `hidden_states` and `router_logits` left out).
@@ -152,7 +159,8 @@ class MoeQuestionAnsweringModelOutput(QuestionAnsweringModelOutput):
     `QuestionAnsweringModelOutput` with the router outputs of the MoE layers.
 
     Args:
-        aux_loss (`torch.Tensor`): load-balancing loss summed over the MoE layers (unweighted).
+        aux_loss (`torch.Tensor`): load-balancing loss of the MoE layers (unweighted), summed over them or pooled
+            as `router_loss_pooling` says.
         router_logits (`tuple[torch.Tensor]`): each MoE layer's router logits (`output_router_logits`).
         router_stats (`tuple[MoeLayerOutput]`): each MoE layer's router statistics, in call order (its
             `hidden_states` and `router_logits` left out).
@@ -169,7 +177,8 @@ class MoeSeq2SeqLMOutput(Seq2SeqLMOutput):
     `Seq2SeqLMOutput` with the router outputs of the MoE layers.
 
     Args:
-        aux_loss (`torch.Tensor`): load-balancing loss summed over the MoE layers (unweighted).
+        aux_loss (`torch.Tensor`): load-balancing loss of the MoE layers (unweighted), summed over them or pooled
+            as `router_loss_pooling` says.
         router_logits (`tuple[torch.Tensor]`): each MoE layer's router logits (`output_router_logits`).
         router_stats (`tuple[MoeLayerOutput]`): each MoE layer's router statistics, in call order (its
             `hidden_states` and `router_logits` left out).
@@ -186,7 +195,8 @@ class MoeSeq2SeqModelOutput(Seq2SeqModelOutput):
     `Seq2SeqModelOutput` with the router outputs of the MoE layers.
 
     Args:
-        aux_loss (`torch.Tensor`): load-balancing loss summed over the MoE layers (unweighted).
+        aux_loss (`torch.Tensor`): load-balancing loss of the MoE layers (unweighted), summed over them or pooled
+            as `router_loss_pooling` says.
         router_logits (`tuple[torch.Tensor]`): each MoE layer's router logits (`output_router_logits`).
         router_stats (`tuple[MoeLayerOutput]`): each MoE layer's router statistics, in call order (its
             `hidden_states` and `router_logits` left out).
@@ -203,7 +213,8 @@ class MoeSeq2SeqQuestionAnsweringModelOutput(Seq2SeqQuestionAnsweringModelOutput
     `Seq2SeqQuestionAnsweringModelOutput` with the router outputs of the MoE layers.
 
     Args:
-        aux_loss (`torch.Tensor`): load-balancing loss summed over the MoE layers (unweighted).
+        aux_loss (`torch.Tensor`): load-balancing loss of the MoE layers (unweighted), summed over them or pooled
+            as `router_loss_pooling` says.
         router_logits (`tuple[torch.Tensor]`): each MoE layer's router logits (`output_router_logits`).
         router_stats (`tuple[MoeLayerOutput]`): each MoE layer's router statistics, in call order (its
             `hidden_states` and `router_logits` left out).
@@ -220,7 +231,8 @@ class MoeSeq2SeqSequenceClassifierOutput(Seq2SeqSequenceClassifierOutput):
     `Seq2SeqSequenceClassifierOutput` with the router outputs of the MoE layers.
 
     Args:
-        aux_loss (`torch.Tensor`): load-balancing loss summed over the MoE layers (unweighted).
+        aux_loss (`torch.Tensor`): load-balancing loss of the MoE layers (unweighted), summed over them or pooled
+            as `router_loss_pooling` says.
         router_logits (`tuple[torch.Tensor]`): each MoE layer's router logits (`output_router_logits`).
         router_stats (`tuple[MoeLayerOutput]`): each MoE layer's router statistics, in call order (its
             `hidden_states` and `router_logits` left out).
@@ -237,7 +249,8 @@ class MoeSequenceClassifierOutput(SequenceClassifierOutput):
     `SequenceClassifierOutput` with the router outputs of the MoE layers.
 
     Args:
-        aux_loss (`torch.Tensor`): load-balancing loss summed over the MoE layers (unweighted).
+        aux_loss (`torch.Tensor`): load-balancing loss of the MoE layers (unweighted), summed over them or pooled
+            as `router_loss_pooling` says.
         router_logits (`tuple[torch.Tensor]`): each MoE layer's router logits (`output_router_logits`).
         router_stats (`tuple[MoeLayerOutput]`): each MoE layer's router statistics, in call order (its
             `hidden_states` and `router_logits` left out).
@@ -254,7 +267,8 @@ class MoeSequenceClassifierOutputWithPast(SequenceClassifierOutputWithPast):
     `SequenceClassifierOutputWithPast` with the router outputs of the MoE layers.
 
     Args:
-        aux_loss (`torch.Tensor`): load-balancing loss summed over the MoE layers (unweighted).
+        aux_loss (`torch.Tensor`): load-balancing loss of the MoE layers (unweighted), summed over them or pooled
+            as `router_loss_pooling` says.
         router_logits (`tuple[torch.Tensor]`): each MoE layer's router logits (`output_router_logits`).
         router_stats (`tuple[MoeLayerOutput]`): each MoE layer's router statistics, in call order (its
             `hidden_states` and `router_logits` left out).
@@ -271,7 +285,8 @@ class MoeTokenClassifierOutput(TokenClassifierOutput):
     `TokenClassifierOutput` with the router outputs of the MoE layers.
 
     Args:
-        aux_loss (`torch.Tensor`): load-balancing loss summed over the MoE layers (unweighted).
+        aux_loss (`torch.Tensor`): load-balancing loss of the MoE layers (unweighted), summed over them or pooled
+            as `router_loss_pooling` says.
         router_logits (`tuple[torch.Tensor]`): each MoE layer's router logits (`output_router_logits`).
         router_stats (`tuple[MoeLayerOutput]`): each MoE layer's router statistics, in call order (its
             `hidden_states` and `router_logits` left out).

@@ -4,14 +4,13 @@ Selections are `[T, k]` index tensors; a slot holding `num_experts` is a sentine
 top-p padding and capacity drops. Statistics take an optional boolean `token_mask` [T] and ignore masked tokens.
 """
 
-import math
-
 import torch
 
 
-def router_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Routers compute in float32 at least (float64 stays float64, bf16/fp16 go up)."""
-    return torch.promote_types(dtype, torch.float32)
+def router_dtype(dtype: torch.dtype, setting: str = "float32") -> torch.dtype:
+    """The dtype a router computes its logits in for a model of `dtype` (docs/topk.md §6, item 3): float32 at least
+    (float64 stays float64, bf16/fp16 go up), or the model dtype itself for `router_dtype="model"`."""
+    return dtype if setting == "model" else torch.promote_types(dtype, torch.float32)
 
 
 def masked_mean(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
@@ -53,21 +52,20 @@ def top_p_routing(probs: torch.Tensor, top_p: float, max_experts: int | None, no
     return index, weights
 
 
-def drop_over_capacity(index, weights, num_experts: int, capacity_factor: float, token_mask=None):
-    """Switch-style capacity (Fedus et al. 2022 §2.2): each expert takes at most ceil(factor * S / E) slots, S being
-    the routed (token, expert) slots of the real tokens (T*k for top-k); first choices of all tokens claim slots
-    before second choices, then in token order. Dropped slots and padding tokens become sentinels with weight 0, so
-    their token passes through the block's residual only.
+def capacity_mask(index, num_experts: int, capacity: int, group_size: int | None = None, token_mask=None):
+    """[T, k] bool, True for the slots an expert takes (Fedus et al. 2022 §2.2): each expert takes at most `capacity`
+    slots in each group of `group_size` consecutive tokens (None: the whole batch); the first choices of a group's
+    tokens claim slots before its second choices, then in token order. Sentinel slots and masked tokens take none.
     """
     num_tokens, top_k = index.shape
     if token_mask is not None:
         index = index.masked_fill(~token_mask[:, None], num_experts)
-    num_slots = int((index < num_experts).sum())
-    capacity = math.ceil(capacity_factor * num_slots / num_experts)
-    claims = torch.nn.functional.one_hot(index.t().reshape(-1), num_experts + 1)  # [k*T, E+1], rank-major
-    position = (claims.cumsum(0) * claims).sum(-1).reshape(top_k, num_tokens).t()  # 1-based slot per choice
-    dropped = (position > capacity) | (index == num_experts)
-    return index.masked_fill(dropped, num_experts), weights.masked_fill(dropped, 0.0)
+    group_size = group_size or num_tokens
+    rank_major = index.view(-1, group_size, top_k).transpose(1, 2).reshape(-1, top_k * group_size)  # [G, k*S]
+    claims = torch.nn.functional.one_hot(rank_major, num_experts + 1)  # [G, k*S, E+1]
+    position = (claims.cumsum(1) * claims).sum(-1)  # [G, k*S]: 1-based slot of each claim at its expert
+    position = position.view(-1, top_k, group_size).transpose(1, 2).reshape(num_tokens, top_k)  # [T, k]
+    return (position <= capacity) & (index < num_experts)
 
 
 def expert_load(index: torch.Tensor, num_experts: int, token_mask=None, dtype=torch.float32) -> torch.Tensor:
@@ -92,3 +90,26 @@ def router_z_loss(logits, token_mask=None) -> torch.Tensor:
 def router_entropy(probs, token_mask=None) -> torch.Tensor:
     """Mean over tokens of -sum_i P_i log P_i (the top-p entropy loss, Huang et al. 2024 §2)."""
     return masked_mean(-(probs * torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))).sum(-1), token_mask)
+
+
+def mixtral_balance_loss(logits: list, loads: list, token_masks: list) -> torch.Tensor:
+    """transformers' `load_balancing_loss_func` (Mixtral) over several layers: `E * sum_e f_e * mean_P_e`, with each
+    layer's expert fractions `loads` [E] and softmax of `logits` [T_l, E] pooled over the non-padding tokens of all
+    the layers (docs/topk.md §6, item 1)."""
+    counts = [z.new_tensor(z.shape[0]) if m is None else m.sum().to(z.dtype) for z, m in zip(logits, token_masks)]
+    total = sum(counts).clamp(min=1)
+    fraction = sum(n * load for n, load in zip(counts, loads)) / total  # [E]
+    mean_prob = sum(n * masked_mean(z.softmax(-1), m) for n, z, m in zip(counts, logits, token_masks)) / total
+    return logits[0].shape[-1] * (fraction * mean_prob).sum()
+
+
+def switch_balance_loss(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Switch Transformers' `load_balancing_loss_func` (HyperMoE's vendored copy) over one stack, its layers
+    concatenated along the sequence axis: `logits` [B, S', E], `index` [B, S', k] after capacity drops. f and mean P
+    per sequence, padding included, a dropped slot counting as expert 0 (the argmax of its empty row);
+    `E * mean_b sum_e f_be * P_be` (docs/hypermoe.md §6, item 1)."""
+    num_experts = logits.shape[-1]
+    probs = logits.softmax(-1)
+    routed = index.masked_fill(index == num_experts, 0)
+    counts = torch.nn.functional.one_hot(routed, num_experts).amax(-2).to(probs.dtype)  # [B, S', E]
+    return num_experts * (counts.mean(1) * probs.mean(1)).sum(-1).mean()

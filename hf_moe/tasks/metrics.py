@@ -19,7 +19,10 @@ METRIC_KEYS = {
     ("glue", "stsb"): ("pearson", "spearmanr"),
     ("glue", "mrpc"): ("accuracy", "f1"),
     ("glue", "qqp"): ("accuracy", "f1"),
-    **{("glue", name): ("accuracy",) for name in ("sst2", "mnli", "mnli_matched", "mnli_mismatched", "qnli", "rte", "wnli", "hans")},
+    **{
+        ("glue", name): ("accuracy",)
+        for name in ("sst2", "mnli", "mnli_matched", "mnli_mismatched", "qnli", "rte", "wnli", "hans")
+    },
     ("super_glue", "cb"): ("accuracy", "f1"),
     ("super_glue", "axb"): ("matthews_correlation",),
     ("super_glue", "multirc"): ("exact_match", "f1_m", "f1_a"),
@@ -35,7 +38,7 @@ def metric_path(module: str) -> str:
     return str(METRICS_DIR / module)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_metric(module: str, config_name: str):
     """`evaluate.load(<hf_moe/metrics/module>, config_name)`, cached, data kept in memory."""
     import evaluate

@@ -121,7 +121,9 @@ def copa_continuation(question: str, choice: str) -> str:
     if question not in COPA_CONNECTIVES:
         raise ValueError(f"COPA question must be one of {sorted(COPA_CONNECTIVES)}, got {question!r}")
     first_word = choice.split(" ", 1)[0]
-    if choice and not (first_word == "I" or first_word.startswith("I'") or first_word.isupper() and len(first_word) > 1):
+    if choice and not (
+        first_word == "I" or first_word.startswith("I'") or first_word.isupper() and len(first_word) > 1
+    ):
         choice = choice[0].lower() + choice[1:]
     return f"{COPA_CONNECTIVES[question]} {choice}"
 
@@ -158,7 +160,9 @@ def encode_wic(task, tokenizer, batch, max_length):
 def encode_wsc(task, tokenizer, batch, max_length):
     texts = [
         mark_wsc(*row)
-        for row in zip(batch["text"], batch["span1_text"], batch["span1_index"], batch["span2_text"], batch["span2_index"])
+        for row in zip(
+            batch["text"], batch["span1_text"], batch["span1_index"], batch["span2_text"], batch["span2_index"]
+        )
     ]
     out = tokenize(tokenizer, texts, None, max_length)
     out["labels"] = class_labels(batch["label"])
@@ -229,4 +233,7 @@ class Preprocessor:
         return ENCODINGS[self.task.encoding](self.task, self.tokenizer, batch, self.max_length)
 
     def __repr__(self):
-        return f"Preprocessor(task={self.task.name!r}, tokenizer={type(self.tokenizer).__name__}, max_length={self.max_length})"
+        return (
+            f"Preprocessor(task={self.task.name!r}, tokenizer={type(self.tokenizer).__name__}, "
+            f"max_length={self.max_length})"
+        )

@@ -17,8 +17,8 @@ import csv
 import json
 import logging
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,9 @@ class Tsv:
             example["idx"] = n
             examples.append(example)
         if short:
-            logger.warning("%s: skipped %d row(s) with fewer than %d columns (lines %s)", path, len(short), width, short[:10])
+            logger.warning(
+                "%s: skipped %d row(s) with fewer than %d columns (lines %s)", path, len(short), width, short[:10]
+            )
         return examples
 
 
@@ -213,7 +215,11 @@ class MultiRcJsonl:
                                 "paragraph": passage["text"],
                                 "question": question["question"],
                                 "answer": answer["text"],
-                                "idx": {"paragraph": int(row["idx"]), "question": int(question["idx"]), "answer": int(answer["idx"])},
+                                "idx": {
+                                    "paragraph": int(row["idx"]),
+                                    "question": int(question["idx"]),
+                                    "answer": int(answer["idx"]),
+                                },
                                 "label": label_id(answer.get("label", UNLABELLED), path, line),
                             }
                         )
@@ -242,7 +248,10 @@ class RecordJsonl:
                 passage = row["passage"]
                 text = passage["text"]
                 spans = sorted(
-                    ({"text": text[e["start"] : e["end"] + 1], "start": e["start"], "end": e["end"] + 1} for e in passage["entities"]),
+                    (
+                        {"text": text[e["start"] : e["end"] + 1], "start": e["start"], "end": e["end"] + 1}
+                        for e in passage["entities"]
+                    ),
                     key=lambda span: span["start"],
                 )
                 entities = sorted({span["text"] for span in spans})

@@ -92,7 +92,12 @@ _TASK_LIST = [
             "train": FirstExisting(
                 MrpcFromOriginal("train"),
                 MrpcFromOriginal("train", "glue/MRPC/msr_paraphrase_train.txt", "glue/MRPC/dev_ids.tsv"),
-                Tsv("glue/MRPC/train.tsv", _MRPC, "Quality", note="MSR source files not found: 3,667 rows, one short of the official 3,668"),
+                Tsv(
+                    "glue/MRPC/train.tsv",
+                    _MRPC,
+                    "Quality",
+                    note="MSR source files not found: 3,667 rows, one short of the official 3,668",
+                ),
             ),
             "validation": FirstExisting(
                 MrpcFromOriginal("validation"),

@@ -30,7 +30,11 @@ def stratified_split(dataset, fraction: float = 0.2, seed: int = 0, indices_file
     else:
         rng = np.random.default_rng(seed)
         labels = np.asarray(list(dataset["label"]))
-        groups = [np.arange(len(labels))] if labels.dtype.kind == "f" else [np.flatnonzero(labels == v) for v in np.unique(labels)]
+        groups = (
+            [np.arange(len(labels))]
+            if labels.dtype.kind == "f"
+            else [np.flatnonzero(labels == v) for v in np.unique(labels)]
+        )
         held_out_parts = []
         for group in groups:
             group = rng.permutation(group)

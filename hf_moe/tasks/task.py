@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,9 @@ def _input_feature(name: str):
     if name in ("entities", "answers"):
         return datasets.Sequence(datasets.Value("string"))
     if name == "entity_spans":
-        return datasets.Sequence({"text": datasets.Value("string"), "start": datasets.Value("int32"), "end": datasets.Value("int32")})
+        return datasets.Sequence(
+            {"text": datasets.Value("string"), "start": datasets.Value("int32"), "end": datasets.Value("int32")}
+        )
     return datasets.Value("string")
 
 
@@ -60,7 +63,10 @@ def _as_array(values) -> np.ndarray:
 def _column(dataset, name: str) -> list:
     if hasattr(dataset, "column_names"):
         if name not in dataset.column_names:
-            raise ValueError(f"the dataset has no {name!r} column (columns: {dataset.column_names}); pass the raw split from Task.load")
+            raise ValueError(
+                f"the dataset has no {name!r} column (columns: {dataset.column_names}); "
+                "pass the raw split from Task.load"
+            )
         return list(dataset[name])
     return [row[name] for row in dataset]
 
@@ -68,7 +74,9 @@ def _column(dataset, name: str) -> list:
 def _idx_list(dataset) -> list:
     """The `idx` values of a dataset (a `datasets.Dataset`, a list of rows, or the list of idx values itself)."""
     if dataset is None:
-        raise ValueError("this task's metric groups answers by `idx`: pass dataset= (the evaluated split) or the idx list")
+        raise ValueError(
+            "this task's metric groups answers by `idx`: pass dataset= (the evaluated split) or the idx list"
+        )
     if hasattr(dataset, "column_names"):
         return _column(dataset, "idx")
     rows = list(dataset)
@@ -288,14 +296,20 @@ class Task:
             if values.ndim == 2 and values.shape[1] == 1:
                 values = values[:, 0]
             if values.ndim != 1:
-                raise ValueError(f"{self.name}: regression predictions must have shape [N] or [N, 1], got {values.shape}")
+                raise ValueError(
+                    f"{self.name}: regression predictions must have shape [N] or [N, 1], got {values.shape}"
+                )
             return values.astype(np.float64)
         if values.ndim == 2:
             if values.shape[1] != self.num_labels:
-                raise ValueError(f"{self.name}: logits have {values.shape[1]} columns, the task has {self.num_labels} labels")
+                raise ValueError(
+                    f"{self.name}: logits have {values.shape[1]} columns, the task has {self.num_labels} labels"
+                )
             return values.argmax(axis=-1).astype(np.int64)
         if values.ndim != 1:
-            raise ValueError(f"{self.name}: predictions must be ids [N] or logits [N, {self.num_labels}], got shape {values.shape}")
+            raise ValueError(
+                f"{self.name}: predictions must be ids [N] or logits [N, {self.num_labels}], got shape {values.shape}"
+            )
         if values.dtype.kind == "f" and not np.all(np.mod(values, 1) == 0):
             raise ValueError(f"{self.name}: 1-D predictions must be class ids; got non-integer values")
         return values.astype(np.int64)
@@ -343,7 +357,9 @@ class Task:
                 raise ValueError("record: pass references= (gold answer lists) or dataset= (with `answers`)")
             references = _column(dataset, "answers")
         references = [list(answers) for answers in references]
-        idx = _idx_list(dataset) if dataset is not None else [{"passage": 0, "query": i} for i in range(len(references))]
+        idx = (
+            _idx_list(dataset) if dataset is not None else [{"passage": 0, "query": i} for i in range(len(references))]
+        )
         if len(idx) != len(references):
             raise ValueError(f"record: {len(references)} references but {len(idx)} idx entries")
         if isinstance(predictions, (list, tuple)) and predictions and all(isinstance(p, str) for p in predictions):

@@ -107,13 +107,17 @@ def spearman(x, y):
 class Glue(evaluate.Metric):
     def _info(self):
         if self.config_name not in CONFIGS:
-            raise KeyError(f"You should supply a configuration name selected in {list(CONFIGS)}; got {self.config_name!r}")
+            raise KeyError(
+                f"You should supply a configuration name selected in {list(CONFIGS)}; got {self.config_name!r}"
+            )
         value_type = "float64" if self.config_name == "stsb" else "int64"
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value(value_type), "references": datasets.Value(value_type)}),
+            features=datasets.Features(
+                {"predictions": datasets.Value(value_type), "references": datasets.Value(value_type)}
+            ),
             codebase_urls=[],
             reference_urls=["https://gluebenchmark.com/"],
             format=None,  # python lists: the numpy formatter would turn float64 scores into float32

@@ -32,7 +32,8 @@ macro-F1 for cb; Matthews correlation for axb; exact_match, f1_m and f1_a for mu
 _CITATION = """\
 @article{wang2019superglue,
   title={SuperGLUE: A Stickier Benchmark for General-Purpose Language Understanding Systems},
-  author={Wang, Alex and Pruksachatkun, Yada and Nangia, Nikita and Singh, Amanpreet and Michael, Julian and Hill, Felix and Levy, Omer and Bowman, Samuel R},
+  author={Wang, Alex and Pruksachatkun, Yada and Nangia, Nikita and Singh, Amanpreet and Michael, Julian and \
+Hill, Felix and Levy, Omer and Bowman, Samuel R},
   journal={arXiv preprint arXiv:1905.00537},
   year={2019}
 }
@@ -187,7 +188,9 @@ def _features(config_name):
 class SuperGlue(evaluate.Metric):
     def _info(self):
         if self.config_name not in CONFIGS:
-            raise KeyError(f"You should supply a configuration name selected in {list(CONFIGS)}; got {self.config_name!r}")
+            raise KeyError(
+                f"You should supply a configuration name selected in {list(CONFIGS)}; got {self.config_name!r}"
+            )
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
             citation=_CITATION,

@@ -3,7 +3,7 @@ hypernetwork generates each layer's router weight and bias from a small trainabl
 
 Departures from the official code: the hypernetwork is held as buffers saved with the model (so the router is
 reproducible without RNG state, and no loader, optimizer or PEFT wrapper can make it trainable), and k is fixed unless
-a training callback changes it.
+a training callback changes it. `router_dense_uniform` gives the official dense evaluation (docs/hyperrouter.md §6).
 """
 
 import torch
@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
-from .moe_topk import TopKMoeLayer
-from .routing import router_dtype
+from .configuration_hf_moe import HyperRouterConfig
+from .registry import MoeFamily
+from .topk_moe import TopKMoeLayer
 
 
 class FrozenLinear(nn.Module):
@@ -50,9 +51,15 @@ class HyperRouterGate(nn.Module):
             init.normal_(linear.weight, std=self.initializer_range)
             init.zeros_(linear.bias)
 
+    @torch.no_grad()
+    def init_trainable(self, std: float, generator: torch.Generator | None = None):
+        """Draw the trainable embedding e from N(0, std): with the hypernetwork's zero biases the generated router
+        scales with e, and std = 0 gives a zero router (upcycling's `router_init`, docs/upcycling.md §2)."""
+        self.router_embedding.normal_(0.0, std, generator=generator) if std else self.router_embedding.zero_()
+
     def forward(self, x):
         # regenerated every forward: W_r depends on no input, only on e (d numbers per layer receive gradient)
-        dtype = router_dtype(x.dtype)
+        dtype = x.dtype  # the layer casts x to `router_dtype` (docs/hyperrouter.md §6, item 4)
         theta = self.hypernet(self.router_embedding).to(dtype).view(self.num_experts, -1)  # [E, d+1]
         return F.linear(x.to(dtype), theta[:, :-1], theta[:, -1])  # [T, E]
 
@@ -60,4 +67,24 @@ class HyperRouterGate(nn.Module):
 class HyperRouterLayer(TopKMoeLayer):
     """Top-k on the generated logits, softmax over the k selected (= renormalised top-k of the full softmax)."""
 
-    router_class = HyperRouterGate
+    def build_router(self, config, hidden_size: int) -> nn.Module:
+        return HyperRouterGate(config, hidden_size)
+
+    def select(self, probs):
+        """Top-k, or with `router_dense_uniform` every expert at weight 1/E: the official dense evaluation replaces
+        the logits by ones and sets top_k = E (docs/hyperrouter.md §6, item 3)."""
+        if not self.config.router_dense_uniform:
+            return super().select(probs)
+        num_tokens = probs.shape[0]
+        index = torch.arange(self.num_experts, device=probs.device).expand(num_tokens, -1)  # [T, E]
+        return index, probs.new_full((num_tokens, self.num_experts), 1 / self.num_experts)  # [T, E], [T, E]
+
+
+FAMILY = MoeFamily(
+    config_class=HyperRouterConfig,
+    layer_class=HyperRouterLayer,
+    init_modules=(HyperRouterGate,),
+    peft_modules_to_save=("router",),
+    moe_source_refusal="HyperRouter generates every router from a frozen hypernetwork and a layer embedding, so the "
+    "source's trained router weights cannot be reused",
+)

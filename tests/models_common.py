@@ -4,11 +4,8 @@ head, and the task losses written out with torch.nn.functional (independent of h
 This module holds no tests; pytest collects it because of its name and finds nothing to run.
 """
 
-import pytest
 import torch
 import torch.nn.functional as F
-
-import hf_moe
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -21,13 +18,16 @@ from transformers import (
     PreTrainedModel,
 )
 
+import hf_moe
+from hf_moe.modeling import all_families
+
 VOCAB = 100
 SEQ = 8
 BATCH = 2
 NUM_LABELS = 3
 NUM_CHOICES = 2
 
-FAMILIES = ("TopKMoe", "HyperMoe", "HyperRouter", "MultiHeadMoe", "DynamicMoe")
+FAMILIES = tuple(family.class_prefix for family in all_families().values())  # class-name prefixes
 BACKBONES = ("bert", "roberta", "gpt2", "llama", "mistral", "qwen2", "qwen3", "t5")
 
 _ENCODER_HEADS = (
@@ -321,16 +321,6 @@ def backbone_of(model):
     children = [c for c in inner.children() if isinstance(c, PreTrainedModel)]
     assert len(children) == 1, children
     return children[0]
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run fastest on one intra-op thread, and spinning worker threads make a loaded 2-core machine
-    crawl (a 0.3 s generation test took 20 s). Test modules import this fixture to make it autouse for them."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def model_depth(model) -> int:

@@ -2,6 +2,8 @@
 
     python examples/run_clm.py --model ./my-llama --family topk_moe --train-file corpus.txt --output-dir runs/clm
     python examples/run_clm.py --model ./my-hf-moe-llama --train-file corpus.txt --output-dir runs/clm  # continue
+    python -m torch.distributed.run --nproc_per_node 2 examples/run_clm.py --model ./my-hf-moe-llama \
+        --train-file corpus.txt --output-dir runs/clm --ep-size 2 --fsdp-size 2  # sharded over 2 processes
 
 The file is read as plain text (one document per line), tokenised, concatenated and cut into `--block-size` blocks
 (the last partial block dropped); 5% of blocks (at least one) are held out for the eval loss / perplexity. Tiny
@@ -23,10 +25,11 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.distributed import DistributedConfig
 
 import hf_moe  # noqa: F401
 from hf_moe.conversion import UpcycleOptions, upcycle_model
-from hf_moe.options import add_moe_arguments, moe_arguments
+from hf_moe.options import add_distributed_arguments, add_moe_arguments, distributed_sizes, moe_arguments
 from hf_moe.training import RouterTelemetryCallback
 
 
@@ -42,14 +45,20 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-model", action="store_true")
     add_moe_arguments(p, family_help="upcycle the dense checkpoint into this family first")
+    add_distributed_arguments(p)
     args = p.parse_args(argv)
     moe = moe_arguments(args)
+    sizes = distributed_sizes(args)
+    if sizes and moe.family:
+        p.error("--tp-size/--ep-size/--fsdp-size shard an hf-moe checkpoint: upcycle first (hf-moe upcycle), then "
+                "pass that checkpoint without --family")
 
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    distributed = {"distributed_config": DistributedConfig(**sizes)} if sizes else {}
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, **distributed)
     if moe.family:
         model = upcycle_model(model, moe.family, options=UpcycleOptions(seed=args.seed), **moe.upcycle_kwargs())
     is_moe = hasattr(model, "moe_blocks")

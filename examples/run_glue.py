@@ -4,6 +4,8 @@
     python examples/run_glue.py --model sentence-transformers/all-MiniLM-L6-v2 --task rte --family hypermoe \
         --data-dir ../shared/data --output-dir runs/rte-hypermoe --epochs 3
     python -m torch.distributed.run --nproc_per_node 2 examples/run_glue.py ... --checksum-file sums.json  # CPU, gloo
+    python -m torch.distributed.run --nproc_per_node 2 examples/run_glue.py --model ./my-hf-moe-bert --task rte \
+        --ep-size 2 --fsdp-size 2 ...  # an hf-moe checkpoint sharded: half the experts per process
 
 Prints the result dict as JSON (rank 0); `--checksum-file` writes every rank's parameter checksum to
 `<file>.rank<N>`.
@@ -15,7 +17,7 @@ import json
 import os
 import sys
 
-from hf_moe.options import add_moe_arguments, moe_arguments
+from hf_moe.options import add_distributed_arguments, add_moe_arguments, distributed_sizes, moe_arguments
 from hf_moe.training.finetune import finetune
 
 
@@ -38,6 +40,7 @@ def main(argv=None):
     p.add_argument("--save-model", action="store_true", help="save the trained model and tokenizer in --output-dir")
     p.add_argument("--checksum-file", help="write this rank's parameter sha256 to FILE.rank<RANK>")
     add_moe_arguments(p)
+    add_distributed_arguments(p)
     args = p.parse_args(argv)
     try:
         result = finetune(
@@ -45,7 +48,7 @@ def main(argv=None):
             max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, epochs=args.epochs,
             max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
             seed=args.seed, peft=args.peft, telemetry=not args.no_telemetry, checksum=bool(args.checksum_file),
-            save_model=args.save_model, **dataclasses.asdict(moe_arguments(args)),
+            save_model=args.save_model, distributed=distributed_sizes(args), **dataclasses.asdict(moe_arguments(args)),
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"run_glue.py: error: {error}", file=sys.stderr)

@@ -15,8 +15,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["MoeArguments", "add_expert_count_arguments", "add_moe_arguments", "moe_arguments", "parse_bool",
-           "parse_field", "parse_int_list"]
+__all__ = ["DISTRIBUTED_SIZES", "MoeArguments", "add_distributed_arguments", "add_expert_count_arguments",
+           "add_moe_arguments", "distributed_sizes", "moe_arguments", "parse_bool", "parse_field", "parse_int_list"]
 
 BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
@@ -100,6 +100,27 @@ def add_moe_arguments(parser: argparse.ArgumentParser, *, families=None, family_
     group.add_argument("--set", type=parse_field, action="append", default=[], metavar="FIELD=VALUE",
                        help=f"{_help('config_overrides')} (value parsed as JSON)")
     return group
+
+
+DISTRIBUTED_SIZES = {
+    "tp_size": "tensor parallel: each process a slice of every attention and expert weight",
+    "ep_size": "expert parallel: each process whole experts, tokens exchanged between processes",
+    "fsdp_size": "FSDP: each process a shard of every weight and its own batch",
+}
+
+
+def add_distributed_arguments(parser) -> None:
+    """--tp-size, --ep-size and --fsdp-size: transformers' distributed engine (`DistributedConfig`) under torchrun."""
+    group = parser.add_argument_group(
+        "distributed engine", "shard an hf-moe checkpoint over the processes of torchrun (README, Scaling out)")
+    for name, what in DISTRIBUTED_SIZES.items():
+        group.add_argument(f"--{name.replace('_', '-')}", type=int, default=1, help=f"{what} (default %(default)s)")
+
+
+def distributed_sizes(args: argparse.Namespace) -> dict[str, int] | None:
+    """The `DistributedConfig` sizes of a namespace parsed with `add_distributed_arguments`; None if all are 1."""
+    sizes = {name: getattr(args, name) for name in DISTRIBUTED_SIZES}
+    return sizes if any(size > 1 for size in sizes.values()) else None
 
 
 def moe_arguments(args: argparse.Namespace) -> MoeArguments:

@@ -56,6 +56,7 @@ def test_block_runs_as_written(language, code, tmp_path):
     (tmp_path / "shared" / "data").symlink_to(DATA_DIR)
     work = tmp_path / "work"
     work.mkdir()
+    (work / "examples").symlink_to(ROOT / "examples")  # blocks run from the repository root
     script = work / ("block.py" if language == "python" else "block.sh")
     script.write_text(code)
     command = [sys.executable, script.name] if language == "python" else ["bash", "-euo", "pipefail", script.name]

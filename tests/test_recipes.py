@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,34 @@ def test_torchrun_two_cpu_ranks_keep_identical_parameters(tiny_bert, tmp_path):
     ranks = [json.loads(Path(f"{checksum}.rank{r}").read_text()) for r in (0, 1)]
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 3
     assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]
+
+
+def test_run_clm_trains_an_hf_moe_checkpoint_sharded_over_two_processes(tiny_llama, tmp_path):
+    """run_clm under torchrun with expert parallelism + FSDP on an upcycled checkpoint: both ranks train, evaluate
+    and report the same eval loss (the eval batch is shared out, the loss gathered)."""
+    from hf_moe import upcycle
+
+    moe = upcycle(tiny_llama, tmp_path / "moe", "topk_moe", num_experts=4, num_experts_per_tok=2, progress=False)
+    sentences = Path(DATA_DIR, "glue", "SST-2", "train.tsv").read_text().splitlines()[1:200]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(line.split("\t")[0] for line in sentences))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+        str(ROOT / "examples" / "run_clm.py"), "--model", str(moe), "--train-file", str(corpus), "--output-dir",
+        str(tmp_path / "out"), "--max-steps", "3", "--block-size", "32", "--batch-size", "2", "--ep-size", "2",
+        "--fsdp-size", "2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = re.findall(r'^\{\n  ".*?^\}', done.stdout, re.M | re.S)  # each rank's json.dumps(indent=2)
+    losses = [json.loads(block)["eval_loss"] for block in metrics]
+    assert len(losses) == 2 and math.isfinite(losses[0]) and losses[0] == losses[1], losses
+
+
+def test_distributed_refuses_in_memory_upcycling(tiny_bert, tmp_path):
+    with pytest.raises(ValueError, match="upcycle first"):
+        finetune(tiny_bert, "rte", family="topk_moe", output_dir=str(tmp_path), distributed={"fsdp_size": 2}, **SMALL)
 
 
 def test_unknown_task_and_family_list_the_valid_ones(tiny_bert, tmp_path):

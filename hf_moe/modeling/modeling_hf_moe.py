@@ -36,6 +36,7 @@ from .backbones import get_adapter
 from .experts import SortedLoopExperts
 from .modeling_outputs import MOE_OUTPUT_CLASSES
 from .registry import MoeFamily, get_family
+from .routing import STATISTICS_GROUP
 from .topk_moe import TopKMoeLayer, pooled_router_losses
 
 
@@ -74,8 +75,9 @@ def token_padding_mask(attention_mask, cache=None) -> torch.Tensor | None:
 
 def _checkpoint_in_routing_context(checkpoint_function, function, *args, **kwargs):
     """`checkpoint_function(function, ...)` whose recomputation during backward (outside the forward) runs in the
-    routing context of the forward, recording nothing: the MoE layers see the same padding masks again."""
-    context = _ROUTING_CONTEXT.get()
+    routing context of the forward, recording nothing: the MoE layers see the same padding masks and take their
+    statistics over the same ranks again."""
+    context, group = _ROUTING_CONTEXT.get(), STATISTICS_GROUP.get()
     calls = 0
 
     def run(*run_args, **run_kwargs):
@@ -84,9 +86,11 @@ def _checkpoint_in_routing_context(checkpoint_function, function, *args, **kwarg
         if calls == 1 or context is None:
             return function(*run_args, **run_kwargs)
         token = _ROUTING_CONTEXT.set(RoutingContext(context.padding_masks, layer_outputs=None))
+        group_token = STATISTICS_GROUP.set(group)
         try:
             return function(*run_args, **run_kwargs)
         finally:
+            STATISTICS_GROUP.reset(group_token)
             _ROUTING_CONTEXT.reset(token)
 
     return checkpoint_function(run, *args, **kwargs)
@@ -118,6 +122,15 @@ def _names_parameters(rule: str, parameters: list[str]) -> bool:
     """Whether a parallel-plan rule (`layers.*.self_attn.q_proj`) names some parameter or a module holding one."""
     pattern = re.compile(re.escape(rule).replace(r"\*", r"\d+") + r"(\..+)?")
     return any(pattern.fullmatch(name) for name in parameters)
+
+
+def _experts_rules(model) -> dict:
+    """Parallel-plan rule (`...layers.*.mlp.moe.experts`) -> one experts module it names, for every MoE layer."""
+    rules = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SortedLoopExperts):
+            rules.setdefault(re.sub(r"\.\d+(?=\.)", ".*", name), module)
+    return rules
 
 
 class _StackModule:
@@ -224,15 +237,43 @@ class MoePreTrainedModel(PreTrainedModel):
         return stack_modules
 
     def init_parallel_plans(self):
-        """The backbone's tensor and expert parallel rules under its path here (`model.` or `model.<prefix>.`), less
-        the rules of the dense FFN modules the MoE blocks replaced: every rule names existing parameters."""
+        """transformers' distributed engine plans (docs/backbones.md §5): the backbone's tensor-parallel rules under
+        its path here, less those of the dense FFNs the MoE blocks replaced, plus rules for the fused experts: tensor
+        parallel (each rank a slice of every expert's inner dimension) where the backbone has a plan, expert parallel
+        (each rank whole experts) on every backbone. Every rule names existing parameters."""
         super().init_parallel_plans()
         path = next(name for name, module in self.named_modules() if module is self.backbone)
+        backbone_tp_plan = self.backbone._tp_plan or {}
+        tp_plan = {**self._tp_plan, **{f"{path}.{key}": style for key, style in backbone_tp_plan.items()}}
+        ep_plan = dict(self._ep_plan)
+        for rule, experts in _experts_rules(self).items():
+            names = [name for name, _ in experts.named_parameters(recurse=False)]
+            ep_plan |= {f"{rule}.{name}": "grouped_gemm" for name in names} | {rule: "ep_dispatch_experts"}
+            if backbone_tp_plan and experts.has_gate and not experts.has_bias:
+                tp_plan |= {f"{rule}.gate_up_proj": "packed_colwise", f"{rule}.down_proj": "rowwise",
+                            rule: "moe_tp_experts"}
         parameters = [name for name, _ in self.named_parameters()]
-        for plan_name in ("_tp_plan", "_ep_plan"):
-            backbone_plan = getattr(self.backbone, plan_name) or {}
-            plan = {**getattr(self, plan_name), **{f"{path}.{key}": style for key, style in backbone_plan.items()}}
-            setattr(self, plan_name, {key: style for key, style in plan.items() if _names_parameters(key, parameters)})
+        self._tp_plan = {key: style for key, style in tp_plan.items() if _names_parameters(key, parameters)}
+        self._ep_plan = {key: style for key, style in ep_plan.items() if _names_parameters(key, parameters)}
+
+    def _statistics_group(self):
+        """Under transformers' distributed engine with data parallelism, the process group of the ranks holding
+        different batches (the dp_replicate and fsdp axes), over which router statistics are taken; else None."""
+        config = getattr(self.config, "distributed_config", None)
+        if self._mesh_manager is None or config is None or config.dp_size <= 1:
+            return None
+        if (config.dp_replicate_size or 1) == 1:
+            return self._mesh_manager.get_mesh("fsdp").get_group()
+        return self._mesh_manager.get_mesh(("dp_replicate", "fsdp"))._flatten().get_group()
+
+    def _resolve_parallel_plans(self, distributed_config):
+        if (distributed_config.tp_size or 1) > 1 and not self.backbone._tp_plan:
+            raise ValueError(
+                f"Tensor parallelism needs the backbone's plan, and transformers has none for "
+                f"{self.config.text_config.model_type}: use tp_size=1 with expert parallelism and FSDP (ep_size, "
+                "fsdp_size), or a backbone with a plan (llama, mistral, qwen2, qwen3)."
+            )
+        return super()._resolve_parallel_plans(distributed_config)
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
@@ -322,9 +363,11 @@ class MoePreTrainedModel(PreTrainedModel):
             masks = dict.fromkeys(("encoder", "decoder"), token_padding_mask(attention_mask, cache))
         recorded = []
         token = _ROUTING_CONTEXT.set(RoutingContext(masks, recorded))
+        group_token = STATISTICS_GROUP.set(self._statistics_group())
         try:
             outputs = self.backbone(**inputs, **kwargs, return_dict=True)
         finally:
+            STATISTICS_GROUP.reset(group_token)
             _ROUTING_CONTEXT.reset(token)
         layer_outputs = [o for _, o in recorded]
         if (
@@ -350,9 +393,11 @@ class MoePreTrainedModel(PreTrainedModel):
             )
         return output if return_dict is not False else output.to_tuple()
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if not os.path.exists(os.path.join(save_directory, "README.md")):
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        # under torch.distributed every rank calls this; the card, as the weights, is written by the first only
+        on_this_rank = self.should_save_on_this_rank(is_main_process)
+        if on_this_rank and not os.path.exists(os.path.join(save_directory, "README.md")):
             self.write_model_card(save_directory)
 
     def _upload_modified_files(self, working_dir, *args, **kwargs):

@@ -2,9 +2,18 @@
 
 Selections are `[T, k]` index tensors; a slot holding `num_experts` is a sentinel (no expert, weight 0), used for
 top-p padding and capacity drops. Statistics take an optional boolean `token_mask` [T] and ignore masked tokens.
+
+Under data parallelism (transformers' distributed engine, `fsdp_size` > 1) each rank routes its own batch, but the
+statistics are those of the global batch: a forward names the group of ranks holding different batches in
+`STATISTICS_GROUP`, and every token mean sums over it (docs/backbones.md §5).
 """
 
 import torch
+import torch.distributed.nn.functional as distributed
+from transformers.utils.output_capturing import CompileableContextVar
+
+# the process group over which the running forward's token statistics are taken (None: this process's tokens)
+STATISTICS_GROUP = CompileableContextVar("hf_moe_statistics_group")
 
 
 def router_dtype(dtype: torch.dtype, setting: str = "float32") -> torch.dtype:
@@ -14,12 +23,23 @@ def router_dtype(dtype: torch.dtype, setting: str = "float32") -> torch.dtype:
 
 
 def masked_mean(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over the token axis (dim 0) of `values` [T, ...], counting only tokens where `token_mask` is True."""
-    if token_mask is None:
+    """Mean over the token axis (dim 0) of `values` [T, ...], counting only tokens where `token_mask` is True (and
+    the tokens of every rank of `STATISTICS_GROUP`)."""
+    group = STATISTICS_GROUP.get()
+    if token_mask is None and group is None:
         return values.mean(0)
-    # select, never multiply by the mask: a NaN or Inf at a padding position times 0 is still NaN
-    real = token_mask.reshape(-1, *([1] * (values.dim() - 1)))
-    return torch.where(real, values, 0).sum(0) / token_mask.sum().clamp(min=1)
+    if token_mask is None:
+        total, count = values.sum(0), values.new_tensor(values.shape[0])
+    else:
+        # select, never multiply by the mask: a NaN or Inf at a padding position times 0 is still NaN
+        real = token_mask.reshape(-1, *([1] * (values.dim() - 1)))
+        total, count = torch.where(real, values, 0).sum(0), token_mask.sum()
+    if group is not None:
+        # autograd's all-reduce sums the gradient back to every rank, so that averaging the ranks' gradients (as
+        # data parallelism does) gives the gradient of the global statistic
+        total = distributed.all_reduce(total, group=group)
+        count = distributed.all_reduce(count.to(total.dtype), group=group)
+    return total / count.clamp(min=1)
 
 
 def top_k_routing(probs: torch.Tensor, top_k: int, normalize: bool):
@@ -92,11 +112,19 @@ def router_entropy(probs, token_mask=None) -> torch.Tensor:
     return masked_mean(-(probs * torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))).sum(-1), token_mask)
 
 
+def _token_count(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """The tokens a statistic of `values` [T, ...] counts: the real ones, on every rank of `STATISTICS_GROUP`."""
+    count = values.new_tensor(values.shape[0]) if token_mask is None else token_mask.sum().to(values.dtype)
+    group = STATISTICS_GROUP.get()
+    return count if group is None else distributed.all_reduce(count, group=group)
+
+
 def mixtral_balance_loss(logits: list, loads: list, token_masks: list) -> torch.Tensor:
     """transformers' `load_balancing_loss_func` (Mixtral) over several layers: `E * sum_e f_e * mean_P_e`, with each
     layer's expert fractions `loads` [E] and softmax of `logits` [T_l, E] pooled over the non-padding tokens of all
     the layers (docs/topk.md §6, item 1)."""
-    counts = [z.new_tensor(z.shape[0]) if m is None else m.sum().to(z.dtype) for z, m in zip(logits, token_masks)]
+    # each layer's token count (over STATISTICS_GROUP too, like its `loads` and the means below)
+    counts = [_token_count(z, m) for z, m in zip(logits, token_masks)]
     total = sum(counts).clamp(min=1)
     fraction = sum(n * load for n, load in zip(counts, loads)) / total  # [E]
     mean_prob = sum(n * masked_mean(z.softmax(-1), m) for n, z, m in zip(counts, logits, token_masks)) / total
@@ -112,4 +140,4 @@ def switch_balance_loss(logits: torch.Tensor, index: torch.Tensor) -> torch.Tens
     probs = logits.softmax(-1)
     routed = index.masked_fill(index == num_experts, 0)
     counts = torch.nn.functional.one_hot(routed, num_experts).amax(-2).to(probs.dtype)  # [B, S', E]
-    return num_experts * (counts.mean(1) * probs.mean(1)).sum(-1).mean()
+    return num_experts * masked_mean((counts.mean(1) * probs.mean(1)).sum(-1), None)  # mean over sequences

@@ -168,11 +168,21 @@ class TopKMoeLayer(nn.Module):
         """Each token's experts summed with `weights`, over the slots `kept` [T, k] (None: all). A dropped slot gives
         0, or with `dropped_token_output="scaled_input"` its weight times x (docs/hypermoe.md §6, item 3)."""
         if kept is None:
-            return self.experts(x, index, weights)
-        output = self.experts(x, index.masked_fill(~kept, self.num_experts), weights.masked_fill(~kept, 0.0))
+            return self.run_experts(x, index, weights)
+        output = self.run_experts(x, index.masked_fill(~kept, self.num_experts), weights.masked_fill(~kept, 0.0))
         if self.config.dropped_token_output == "scaled_input":
             output = output + weights.masked_fill(kept, 0.0).sum(-1, keepdim=True).to(x.dtype) * x
         return output
+
+    def run_experts(self, x, index, weights):
+        """The experts on x [T, H] with `index` and `weights` [T, k]. Under expert parallelism the experts hold only
+        this rank's share (`num_experts` local) and slots travel between ranks by global expert id, so an empty slot
+        (top-p padding, a capacity drop) goes to expert 0 with weight 0 instead of the sentinel id, which no rank
+        owns (docs/backbones.md §5)."""
+        if self.experts.num_experts != self.num_experts:
+            empty = index == self.num_experts
+            index, weights = index.masked_fill(empty, 0), weights.masked_fill(empty, 0.0)
+        return self.experts(x, index, weights)
 
     def router_losses(self, logits, probs, index, token_mask) -> dict:
         load = expert_load(index, self.num_experts, token_mask, probs.dtype)  # [E]

@@ -68,6 +68,9 @@ class FinetuneArguments:
         default=None, metadata={"help": "HyperRouter's k schedule (k_min, k_max) over training"})
     training_args: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "TrainingArguments fields overriding the recipe's, e.g. save_steps"})
+    distributed: dict[str, int] | None = field(
+        default=None, metadata={"help": "DistributedConfig sizes (tp_size, ep_size, fsdp_size) under torchrun: the "
+                                        "checkpoint, an hf-moe one, is loaded sharded (README, Scaling out)"})
 
 
 @dataclass
@@ -128,11 +131,12 @@ def parameter_checksum(model) -> str:
     digest = hashlib.sha256()
     for name, param in sorted(_base_model(model).named_parameters()):
         digest.update(name.encode())
+        param = param.full_tensor() if hasattr(param, "full_tensor") else param  # sharded: every rank gathers
         digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
-def _load_dense(model_name_or_path, task, tokenizer, dtype=torch.float32):
+def _load_dense(model_name_or_path, task, tokenizer, dtype=torch.float32, **load_kwargs):
     from transformers import AutoConfig, AutoModelForMultipleChoice, AutoModelForSequenceClassification
 
     from ..tasks import MULTIPLE_CHOICE, REGRESSION
@@ -141,11 +145,13 @@ def _load_dense(model_name_or_path, task, tokenizer, dtype=torch.float32):
     if getattr(config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         config.pad_token_id = tokenizer.pad_token_id  # decoder backbones: pool the last non-pad token
     if task.problem_type == MULTIPLE_CHOICE:
-        return _load_with_new_head(AutoModelForMultipleChoice, model_name_or_path, config=config, dtype=dtype)
+        return _load_with_new_head(AutoModelForMultipleChoice, model_name_or_path, config=config, dtype=dtype,
+                                   **load_kwargs)
     config.num_labels = task.num_labels
     config.id2label, config.label2id = task.id2label, task.label2id
     config.problem_type = "regression" if task.problem_type == REGRESSION else "single_label_classification"
-    return _load_with_new_head(AutoModelForSequenceClassification, model_name_or_path, config=config, dtype=dtype)
+    return _load_with_new_head(AutoModelForSequenceClassification, model_name_or_path, config=config, dtype=dtype,
+                               **load_kwargs)
 
 
 def _load_with_new_head(auto_class, model_name_or_path, **kwargs):
@@ -205,6 +211,11 @@ def _check_arguments(args: FinetuneArguments, moe: MoeArguments) -> Task:
         raise ValueError(f"unknown peft method {args.peft!r}; valid: None, 'lora'")
     if args.peft == "lora" and moe.family is None:
         raise ValueError("peft='lora' is implemented for hf-moe family models; pass family=...")
+    if args.distributed and (moe.family is not None or args.peft is not None):
+        raise ValueError(
+            "distributed loads an hf-moe checkpoint sharded, which neither upcycling in memory nor LoRA can follow: "
+            "upcycle first (hf-moe upcycle), then fine-tune that checkpoint with family=None, without peft."
+        )
     return task
 
 
@@ -213,7 +224,12 @@ def _load_model(args: FinetuneArguments, moe: MoeArguments, task: Task, tokenize
     with the parameter counts taken before any LoRA wrapping."""
     from ..conversion import UpcycleOptions, upcycle_model
 
-    model = _load_dense(args.model_name_or_path, task, tokenizer)
+    distributed = {}
+    if args.distributed:
+        from transformers.distributed import DistributedConfig
+
+        distributed["distributed_config"] = DistributedConfig(**args.distributed)
+    model = _load_dense(args.model_name_or_path, task, tokenizer, **distributed)
     if moe.family is not None:
         model = upcycle_model(model, moe.family, options=UpcycleOptions(seed=args.seed), **moe.upcycle_kwargs())
     model.train()
@@ -282,7 +298,7 @@ def build_trainer(args: FinetuneArguments, moe: MoeArguments | None = None, *,
         collator = DataCollatorWithPadding(tokenizer)
     callbacks = list(callbacks or [])
     telemetry = None
-    if args.telemetry and moe.family is not None:
+    if args.telemetry and hasattr(_base_model(model), "moe_blocks"):  # upcycled, or an hf-moe checkpoint
         telemetry = RouterTelemetryCallback(k_schedule=args.k_schedule, output_dir=args.output_dir)
         callbacks.append(telemetry)
     trainer = Trainer(

@@ -10,10 +10,9 @@ import sys
 import torch
 import torch.distributed as dist
 from distributed_data import LR, global_batch, padded_batch
-from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 
-import hf_moe  # noqa: F401  (registers the families with the Auto classes)
+import hf_moe
 
 
 def _local(tensor):
@@ -34,7 +33,8 @@ def _data_parallel_rank(model) -> tuple[int, int]:
 
 
 def run(folder: str, layout: dict, save_to: str) -> dict:
-    model = AutoModelForCausalLM.from_pretrained(folder, distributed_config=DistributedConfig(**layout)).eval()
+    model_class = getattr(hf_moe, json.loads(open(f"{folder}/config.json").read())["architectures"][0])
+    model = model_class.from_pretrained(folder, distributed_config=DistributedConfig(**layout)).eval()
     model.save_pretrained(f"{save_to}/{os.path.basename(folder)}")
     dist.barrier()
     with torch.no_grad():

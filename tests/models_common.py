@@ -328,3 +328,21 @@ def model_depth(model) -> int:
     config = model.config.get_text_config()
     decoder = getattr(config, "num_decoder_layers", 0) if config.is_encoder_decoder else 0
     return config.num_hidden_layers + decoder
+
+
+# the start of a child script (`python -I -c ... <repository>`) that cannot import hf_moe however it is installed:
+# the repository on sys.path, or an editable-install finder or path hook
+HIDE_HF_MOE = """
+import importlib.util
+import sys
+
+REPO = sys.argv[1]
+sys.meta_path = [
+    f for f in sys.meta_path
+    if "editable" not in type(f).__module__.lower() and "__editable__" not in repr(f)
+]
+# drop the repository itself (not the virtual environment CI creates inside it)
+sys.path = [p for p in sys.path if p.rstrip("/") not in (REPO, "") and "__editable__" not in p]
+sys.path_importer_cache.clear()
+assert importlib.util.find_spec("hf_moe") is None, "hf_moe is importable in the child"
+"""

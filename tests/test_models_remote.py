@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models_common import make_inputs, make_model, model_depth, random_ids
+from models_common import HIDE_HF_MOE, make_inputs, make_model, model_depth, random_ids
 
 import hf_moe
 
@@ -29,20 +29,11 @@ CHECKPOINTS = [
 
 CHILD = textwrap.dedent(
     """
-    import importlib.util
     import json
     import sys
-
-    REPO = sys.argv[1]
-    # hide hf_moe however it is installed: the repository on sys.path, or an editable-install finder or path hook
-    sys.meta_path = [
-        f for f in sys.meta_path
-        if "editable" not in type(f).__module__.lower() and "__editable__" not in repr(f)
-    ]
-    # drop the repository itself (not the virtual environment CI creates inside it)
-    sys.path = [p for p in sys.path if p.rstrip("/") not in (REPO, "") and "__editable__" not in p]
-    sys.path_importer_cache.clear()
-    assert importlib.util.find_spec("hf_moe") is None, "hf_moe is importable in the child"
+    """
+) + HIDE_HF_MOE + textwrap.dedent(
+    """
 
     import torch
     import transformers

@@ -30,6 +30,7 @@ from transformers import (
     AutoModelForTokenClassification,
     PreTrainedModel,
 )
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils.output_capturing import CompileableContextVar
 
 from .backbones import get_adapter
@@ -122,6 +123,11 @@ def _names_parameters(rule: str, parameters: list[str]) -> bool:
     """Whether a parallel-plan rule (`layers.*.self_attn.q_proj`) names some parameter or a module holding one."""
     pattern = re.compile(re.escape(rule).replace(r"\*", r"\d+") + r"(\..+)?")
     return any(pattern.fullmatch(name) for name in parameters)
+
+
+def _unwrapped_class(cls: type) -> type:
+    """`cls`, or the class FSDP2's `fully_shard` subclassed to make it (the first of its bases outside torch)."""
+    return next(base for base in cls.__mro__ if not base.__module__.startswith("torch."))
 
 
 def _experts_rules(model) -> dict:
@@ -395,10 +401,21 @@ class MoePreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
         super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
-        # under torch.distributed every rank calls this; the card, as the weights, is written by the first only
+        # under torch.distributed every rank calls this; the code and card, as the weights, are written by the first
         on_this_rank = self.should_save_on_this_rank(is_main_process)
+        model_class = _unwrapped_class(type(self))
+        if on_this_rank and model_class is not type(self) and model_class.is_remote_code():
+            # FSDP2's subclass of ours saved no code (`is_remote_code`): save ours, then the config naming it
+            custom_object_save(object.__new__(model_class), save_directory, config=self.config)
+            self.config.save_pretrained(save_directory)
         if on_this_rank and not os.path.exists(os.path.join(save_directory, "README.md")):
             self.write_model_card(save_directory)
+
+    @classmethod
+    def is_remote_code(cls) -> bool:
+        # FSDP2 swaps a sharded model's class for a subclass of its own (module torch...), whose file transformers
+        # would save as the modeling code and name in `auto_map`; `save_pretrained` saves our class's code instead
+        return super().is_remote_code() and _unwrapped_class(cls) is cls
 
     def _upload_modified_files(self, working_dir, *args, **kwargs):
         # `push_to_hub` saves transformers' generic template card last; replace it with ours (a real card is kept)

@@ -119,13 +119,13 @@ class StreamingPlan:
 
 def _init_units(moe, names):
     """For each new parameter, the hf-moe module whose `reset_parameters` initialises it."""
-    units = {}
+    units, init_types = {}, moe.init_module_types
     for name in names:
         path = name.rsplit(".", 1)[0]
         unit = None
         while True:
             module = moe.get_submodule(path)
-            if isinstance(module, moe.init_module_types) and _covers(module, moe, name):
+            if isinstance(module, init_types) and _covers(module, moe, name, init_types):
                 unit = module
                 break
             if not path:
@@ -137,14 +137,14 @@ def _init_units(moe, names):
     return units
 
 
-def _covers(unit, moe, name) -> bool:
+def _covers(unit, moe, name, init_types) -> bool:
     """Whether `unit.reset_parameters` initialises parameter `name` (nested hf-moe modules initialise their own)."""
     unit_path = module_path(moe, unit)
     relative = name[len(unit_path) + 1 :] if unit_path else name
     module = unit
     for part in relative.split(".")[:-1]:
         module = getattr(module, part)
-        if isinstance(module, moe.init_module_types):
+        if isinstance(module, init_types):
             return False
     return True
 

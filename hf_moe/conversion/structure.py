@@ -63,8 +63,9 @@ def init_seed(seed: int, path: str) -> int:
 def initialise_new_modules(model, seed: int, finish):
     """Re-initialise every hf-moe module of a model built in memory as the streaming conversion does (own seed, own
     `reset_parameters`, then `finish(module)`); the conversion then overwrites what it takes from its source."""
+    init_types = model.init_module_types
     for path, module in model.named_modules():
-        if isinstance(module, model.init_module_types):
+        if isinstance(module, init_types):
             torch.manual_seed(init_seed(seed, path))
             module.reset_parameters()
             finish(module)

@@ -292,8 +292,9 @@ class MoePreTrainedModel(PreTrainedModel):
     def initialize_weights(self):
         super().initialize_weights()
         # each initialises only its own direct parameters, with transformers' skip-if-loaded init functions
+        init_types = self.init_module_types
         for module in self.modules():
-            if isinstance(module, self.init_module_types):
+            if isinstance(module, init_types):
                 module.reset_parameters()
 
     def moe_blocks(self) -> list[MoeFeedForward]:

@@ -29,17 +29,15 @@ def masked_mean(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.
     if token_mask is None and group is None:
         return values.mean(0)
     if token_mask is None:
-        total, count = values.sum(0), values.new_tensor(values.shape[0])
+        total = values.sum(0)
     else:
         # select, never multiply by the mask: a NaN or Inf at a padding position times 0 is still NaN
-        real = token_mask.reshape(-1, *([1] * (values.dim() - 1)))
-        total, count = torch.where(real, values, 0).sum(0), token_mask.sum()
+        total = torch.where(token_mask.reshape(-1, *([1] * (values.dim() - 1))), values, 0).sum(0)
     if group is not None:
         # autograd's all-reduce sums the gradient back to every rank, so that averaging the ranks' gradients (as
         # data parallelism does) gives the gradient of the global statistic
         total = distributed.all_reduce(total, group=group)
-        count = distributed.all_reduce(count.to(total.dtype), group=group)
-    return total / count.clamp(min=1)
+    return total / _token_count(values, token_mask).clamp(min=1)
 
 
 def top_k_routing(probs: torch.Tensor, top_k: int, normalize: bool):

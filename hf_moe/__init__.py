@@ -12,7 +12,7 @@ import importlib.util
 import os
 import sys
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def _read_registry() -> dict:

@@ -15,7 +15,6 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
-    PreTrainedModel,
 )
 
 import hf_moe
@@ -313,14 +312,8 @@ def moe_of_layer(backbone: str, layer):
 
 
 def backbone_of(model):
-    """The transformers model (any head) inside an hf_moe model: `model.model`, or for base-model heads the
-    transformers base model that `model.model` holds under the backbone's `base_model_prefix`."""
-    inner = model.model
-    if isinstance(inner, PreTrainedModel):
-        return inner
-    children = [c for c in inner.children() if isinstance(c, PreTrainedModel)]
-    assert len(children) == 1, children
-    return children[0]
+    """The dense transformers model (any head) an hf_moe model takes the place of, which runs on its modules."""
+    return model.backbone
 
 
 def model_depth(model) -> int:

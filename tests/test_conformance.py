@@ -433,11 +433,6 @@ def _head_only_numel(backbone, head):
     return sum(p.numel() for p in dense.parameters()) - sum(p.numel() for p in dense.base_model.parameters())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue #11 item 4, open: a headless <Family>Model base model changes the saved key layout and needs a key "
-    "migration for existing checkpoints",
-)
 @pytest.mark.parametrize("family, backbone, head", _cases(ALL_CASES))
 def test_base_model_is_the_headless_pretrained_model(family, backbone, head, tmp_path, assert_fp32_close):
     model = _model(family, backbone, head)
@@ -484,6 +479,50 @@ def test_a_head_loads_every_base_weight_from_a_base_checkpoint(family, backbone,
         # transformers adds the prefix to a base checkpoint's keys (or finds them already prefixed)
         key = name if name in loaded_state else f"{loaded.base_model_prefix}.{name}"
         assert torch.equal(loaded_state[key], tensor), f"{name} was not loaded into {head}"
+
+
+def _legacy_layout(model) -> dict:
+    """The model's state dict under hf-moe 0.1's key layout, written out here: a head kept the whole dense model
+    under `model.` and the stack modules (HyperMoE's generators) at the top; `<Family>Model` kept the dense base model
+    under `model.<its prefix>.`."""
+    prefix, state = model.base_model_prefix, model.state_dict()
+    if model.base_model is model:
+        return {key if key.startswith("hyper_generators.") else f"model.{prefix}.{key}": t for key, t in state.items()}
+    generators = f"{prefix}.hyper_generators."
+    return {key[len(prefix) + 1 :] if key.startswith(generators) else f"model.{key}": t for key, t in state.items()}
+
+
+LEGACY_CASES = [("llama", "ForCausalLM", "ForCausalLM"), ("bert", "ForSequenceClassification",
+                 "ForSequenceClassification"), ("llama", "Model", "Model"), ("bert", "Model", "ForMaskedLM")]
+
+
+@pytest.mark.parametrize(
+    "family, backbone, saved, loaded",
+    [pytest.param(f, b, s, lo, id=f"{f}-{b}-{s}-{lo}") for f in FAMILIES for b, s, lo in LEGACY_CASES],
+)
+def test_checkpoints_of_the_old_key_layout_load_and_save_in_the_new_one(family, backbone, saved, loaded, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _model(family, backbone, saved)
+    model.config.save_pretrained(tmp_path / "old")
+    legacy = {key: tensor.contiguous() for key, tensor in _legacy_layout(model).items()}
+    save_file(legacy, tmp_path / "old" / "model.safetensors", metadata={"format": "pt"})
+    same = {key for key in set(legacy) & set(model.state_dict()) if not key.startswith("hyper_generators.")}
+    assert not same  # the layouts differ everywhere but in a base model's generators
+
+    reloaded, info = AUTO_CLASS[loaded].from_pretrained(tmp_path / "old", output_loading_info=True)
+    # a base checkpoint leaves only the head new (and BertForMaskedLM has no pooler)
+    assert not [key for key in info["unexpected_keys"] if ".pooler." not in key] and not info["mismatched_keys"], info
+    assert all(re.search(r"(^|\.)(lm_head|classifier|cls|pooler)\.", key) for key in info["missing_keys"]), info
+    reloaded_state = reloaded.state_dict()
+    for name, tensor in model.state_dict().items():
+        key = name if name in reloaded_state else f"{reloaded.base_model_prefix}.{name}"
+        if key in reloaded_state:
+            assert torch.equal(reloaded_state[key], tensor), name
+    assert sum(name in reloaded_state or f"{reloaded.base_model_prefix}.{name}" in reloaded_state
+               for name in model.state_dict()) >= len(model.state_dict()) - 2  # the pooler only
+    reloaded.save_pretrained(tmp_path / "new")
+    assert set(load_file(tmp_path / "new" / "model.safetensors")) <= set(reloaded_state)  # saved in the new layout
 
 
 # ------------------------------------------------------------------------------------------- threads

@@ -291,12 +291,12 @@ def test_streamed_conversion_equals_the_in_memory_one(mixtral, mixtral_folder, t
     for name, tensor in streamed.items():
         assert torch.equal(tensor, state[name]), name
     for idx, layer in enumerate(source.model.layers):
-        moe = f"model.model.layers.{idx}.mlp.moe"
+        moe = f"model.layers.{idx}.mlp.moe"
         assert torch.equal(streamed[f"{moe}.router.weight"], layer.mlp.gate.weight)
         assert torch.equal(streamed[f"{moe}.experts.gate_up_proj"], layer.mlp.experts.gate_up_proj)
         assert torch.equal(streamed[f"{moe}.experts.down_proj"], layer.mlp.experts.down_proj)
-        assert torch.equal(streamed[f"model.model.layers.{idx}.self_attn.q_proj.weight"], layer.self_attn.q_proj.weight)
-    assert torch.equal(streamed["model.lm_head.weight"], source.lm_head.weight)
+        assert torch.equal(streamed[f"model.layers.{idx}.self_attn.q_proj.weight"], layer.self_attn.q_proj.weight)
+    assert torch.equal(streamed["lm_head.weight"], source.lm_head.weight)
 
 
 def test_streamed_switch_takes_every_expert_of_the_source(switch, tmp_path):
@@ -305,12 +305,12 @@ def test_streamed_switch_takes_every_expert_of_the_source(switch, tmp_path):
     streamed = _checkpoint_tensors(convert_moe(tmp_path / "switch", tmp_path / "moe", "topk_moe"))
     mlp = source.encoder.block[1].layer[-1].mlp
     experts = [mlp.experts[f"expert_{e}"] for e in range(4)]
-    moe = "model.encoder.block.1.layer.1.DenseReluDense.moe"
+    moe = "encoder.block.1.layer.1.DenseReluDense.moe"
     assert torch.equal(streamed[f"{moe}.router.weight"], mlp.router.classifier.weight)
     assert torch.equal(streamed[f"{moe}.experts.up_proj"], torch.stack([expert.wi.weight for expert in experts]))
     assert torch.equal(streamed[f"{moe}.experts.down_proj"], torch.stack([expert.wo.weight for expert in experts]))
     dense = source.encoder.block[0].layer[-1].mlp
-    assert torch.equal(streamed["model.encoder.block.0.layer.1.DenseReluDense.wi.weight"], dense.wi.weight)
+    assert torch.equal(streamed["encoder.block.0.layer.1.DenseReluDense.wi.weight"], dense.wi.weight)
 
 
 _PEAK_MEMORY = """

@@ -198,8 +198,8 @@ def test_the_other_llama_like_backbones_get_attention_and_expert_rules(backbone)
     text_config = AutoConfig.for_model(backbone, vocab_size=64, hidden_size=32, intermediate_size=64,
                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("topk_moe", text_config=text_config, num_experts=4))
-    experts = "model.model.layers.*.mlp.moe.experts"
-    assert model.tp_plan["model.model.layers.*.self_attn.q_proj"] == "colwise"
+    experts = "model.layers.*.mlp.moe.experts"
+    assert model.tp_plan["model.layers.*.self_attn.q_proj"] == "colwise"
     assert model.tp_plan[f"{experts}.gate_up_proj"] == "packed_colwise"
     assert model.tp_plan[f"{experts}.down_proj"] == "rowwise" and model.tp_plan[experts] == "moe_tp_experts"
     assert model.ep_plan[f"{experts}.gate_up_proj"] == "grouped_gemm"

@@ -50,7 +50,7 @@ def _dense_and_moe(family, backbone, extra, seed=0, unit_embeddings=False):
     # only FFN weights are left out, and only MoE parameters stay unloaded
     ffn_words = ("intermediate.dense", "output.dense", "mlp.", "DenseReluDense")
     assert unexpected and all(any(w in k for w in ffn_words) for k in unexpected), unexpected
-    assert missing and all(".moe." in k for k in missing), missing
+    assert missing and all(".moe." in k or k.startswith("hyper_generators.") for k in missing), missing
     return dense, moe, inner
 
 

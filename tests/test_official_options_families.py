@@ -208,8 +208,8 @@ def test_hypermoe_normal_init_is_gpt2_generic_init():
 def test_hypermoe_init_options_survive_model_initialisation():
     tiny = models.make_model("HyperMoe", "gpt2", "ForCausalLM")
     normal = models.make_model("HyperMoe", "gpt2", "ForCausalLM", hyper_init="normal", initializer_range=0.02)
-    heads = [g.weight_down.weight for g in normal.hyper_generators.values()]
-    tiny_heads = [g.weight_down.weight for g in tiny.hyper_generators.values()]
+    heads = [g.weight_down.weight for g in normal.base_model.hyper_generators.values()]
+    tiny_heads = [g.weight_down.weight for g in tiny.base_model.hyper_generators.values()]
     assert all(0.015 < w.std() < 0.025 for w in heads)  # N(0, 0.02) over 16 x 256 entries
     assert all(w.abs().max() < 1e-3 for w in tiny_heads)  # the tiny official init
 

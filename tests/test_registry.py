@@ -68,7 +68,7 @@ assert type(model) is hf_moe.UniformMoeForCausalLM, type(model)
 ids = torch.randint(0, 64, (2, 7))
 loss = model(input_ids=ids, labels=ids).loss
 loss.backward()
-assert torch.isfinite(loss) and model.model.model.layers[0].mlp.moe.router.weight.grad.abs().sum() > 0
+assert torch.isfinite(loss) and model.model.layers[0].mlp.moe.router.weight.grad.abs().sum() > 0
 model.save_pretrained("saved")
 reloaded = AutoModelForCausalLM.from_pretrained("saved").eval()
 assert torch.equal(reloaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)

@@ -123,6 +123,8 @@ def render_families(families=None) -> str:
                 f"    layer_class = {layer_class.__name__}",
                 f"    auto_class = {auto_class.__name__}",
             ]
+            if head != "Model":
+                lines.append(f"    base_model_class = {prefix}Model")
     lines += ["", "", "MODEL_CLASSES = {  # (class-name prefix, head) -> class"]
     lines += [
         f'    ("{f.class_prefix}", "{head}"): {f.class_prefix}{head},' for f in families.values() for head in HEADS

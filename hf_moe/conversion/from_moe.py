@@ -356,16 +356,14 @@ def _origins(source_model, moe, read) -> dict:
     """Output name -> function yielding its tensor (or its experts one at a time) from `read`, a reader of the source
     model's state dict (`keys()`, `get(key)`): the loaded model's own, or a checkpoint read tensor by tensor."""
     backbone_keys, moe_keys = _SOURCES[source_model.config.model_type][1](source_model, read)
-    backbone = module_path(moe, moe.backbone)
     outputs = set(moe.state_dict())
     tied = set(moe.get_expanded_tied_weights_keys(all_submodels=True))
-    block_paths = tuple(f"{module_path(moe, block)}." for block in moe.moe_blocks())
+    added = [*moe.moe_blocks(), *(moe.base_model.hyper_generators or {}).values()]  # what the source cannot fill
+    added_paths = tuple(f"{module_path(moe, module)}." for module in added)
     available = set(read.keys())
-    origins = {f"{backbone}.{key}": [source] for key, source in backbone_keys.items() if source in available}
+    origins = {key: [source] for key, source in backbone_keys.items() if source in available}
     unexpected = sorted(set(origins) - outputs)
-    missing = sorted(
-        n for n in outputs - set(origins) - tied if n.startswith(f"{backbone}.") and not n.startswith(block_paths)
-    )
+    missing = sorted(n for n in outputs - set(origins) - tied if not n.startswith(added_paths))
     if unexpected or missing:
         raise ValueError(
             f"{type(source_model).__name__} does not map onto {type(moe.backbone).__name__}: unexpected "

@@ -161,8 +161,8 @@ def _upcycle_loaded(dense_model, config, options: UpcycleOptions):
             moe, options.seed, functools.partial(finish_new_module, family=moe_family, options=options)
         )
     dense_state = dense_model.state_dict()
-    result = moe.backbone.load_state_dict(dense_state, strict=False)
-    ffn_keys = set(dense_state) - set(moe.backbone.state_dict())
+    result = moe.load_state_dict(dense_state, strict=False)  # the MoE model has the dense model's keys
+    ffn_keys = set(dense_state) - set(moe.state_dict())
     if set(result.unexpected_keys) - ffn_keys:
         raise ValueError(f"Dense weights without a place in the MoE model: {sorted(result.unexpected_keys)[:5]}")
     adapter = get_adapter(config.text_config.model_type)
@@ -266,14 +266,12 @@ def _upcycle_streaming(folder, staging, dense_config, config, options, max_shard
 
 
 def _origins(source, dense, moe, options) -> dict:
-    """Where each output tensor comes from: a source tensor under the backbone's path, or the expert copies of a
-    dense FFN tensor, one expert at a time, from the current layer's dense FFN (the only one kept in memory)."""
-    backbone = module_path(moe, moe.backbone)
+    """Where each output tensor comes from: the source tensor of the same name (the MoE model has the dense model's
+    keys), or the expert copies of a dense FFN tensor, one expert at a time, from the current layer's dense FFN (the
+    only one kept in memory)."""
     outputs = set(moe.state_dict())
     origins = {
-        f"{backbone}.{key}": functools.partial(lambda key: [source.get(key)], key)
-        for key in source.weight_map
-        if f"{backbone}.{key}" in outputs
+        key: functools.partial(lambda key: [source.get(key)], key) for key in source.weight_map if key in outputs
     }
     if not moe.family.experts_from_dense_ffn:
         return origins  # e.g. sub-token experts start fresh (docs/upcycling.md §3)

@@ -44,6 +44,7 @@ class TopKMoeForCausalLM(MoePreTrainedModel, GenerationMixin):
     config_class = TopKMoeConfig
     layer_class = TopKMoeLayer
     auto_class = AutoModelForCausalLM
+    base_model_class = TopKMoeModel
 
 
 class TopKMoeForMaskedLM(MoePreTrainedModel):
@@ -52,6 +53,7 @@ class TopKMoeForMaskedLM(MoePreTrainedModel):
     config_class = TopKMoeConfig
     layer_class = TopKMoeLayer
     auto_class = AutoModelForMaskedLM
+    base_model_class = TopKMoeModel
 
 
 class TopKMoeForSequenceClassification(MoePreTrainedModel):
@@ -60,6 +62,7 @@ class TopKMoeForSequenceClassification(MoePreTrainedModel):
     config_class = TopKMoeConfig
     layer_class = TopKMoeLayer
     auto_class = AutoModelForSequenceClassification
+    base_model_class = TopKMoeModel
 
 
 class TopKMoeForTokenClassification(MoePreTrainedModel):
@@ -68,6 +71,7 @@ class TopKMoeForTokenClassification(MoePreTrainedModel):
     config_class = TopKMoeConfig
     layer_class = TopKMoeLayer
     auto_class = AutoModelForTokenClassification
+    base_model_class = TopKMoeModel
 
 
 class TopKMoeForQuestionAnswering(MoePreTrainedModel):
@@ -76,6 +80,7 @@ class TopKMoeForQuestionAnswering(MoePreTrainedModel):
     config_class = TopKMoeConfig
     layer_class = TopKMoeLayer
     auto_class = AutoModelForQuestionAnswering
+    base_model_class = TopKMoeModel
 
 
 class TopKMoeForMultipleChoice(MoePreTrainedModel):
@@ -84,6 +89,7 @@ class TopKMoeForMultipleChoice(MoePreTrainedModel):
     config_class = TopKMoeConfig
     layer_class = TopKMoeLayer
     auto_class = AutoModelForMultipleChoice
+    base_model_class = TopKMoeModel
 
 
 class TopKMoeForConditionalGeneration(MoePreTrainedModel, GenerationMixin):
@@ -92,6 +98,7 @@ class TopKMoeForConditionalGeneration(MoePreTrainedModel, GenerationMixin):
     config_class = TopKMoeConfig
     layer_class = TopKMoeLayer
     auto_class = AutoModelForSeq2SeqLM
+    base_model_class = TopKMoeModel
 
 
 class HyperMoeModel(MoePreTrainedModel):
@@ -108,6 +115,7 @@ class HyperMoeForCausalLM(MoePreTrainedModel, GenerationMixin):
     config_class = HyperMoeConfig
     layer_class = HyperMoeLayer
     auto_class = AutoModelForCausalLM
+    base_model_class = HyperMoeModel
 
 
 class HyperMoeForMaskedLM(MoePreTrainedModel):
@@ -116,6 +124,7 @@ class HyperMoeForMaskedLM(MoePreTrainedModel):
     config_class = HyperMoeConfig
     layer_class = HyperMoeLayer
     auto_class = AutoModelForMaskedLM
+    base_model_class = HyperMoeModel
 
 
 class HyperMoeForSequenceClassification(MoePreTrainedModel):
@@ -124,6 +133,7 @@ class HyperMoeForSequenceClassification(MoePreTrainedModel):
     config_class = HyperMoeConfig
     layer_class = HyperMoeLayer
     auto_class = AutoModelForSequenceClassification
+    base_model_class = HyperMoeModel
 
 
 class HyperMoeForTokenClassification(MoePreTrainedModel):
@@ -132,6 +142,7 @@ class HyperMoeForTokenClassification(MoePreTrainedModel):
     config_class = HyperMoeConfig
     layer_class = HyperMoeLayer
     auto_class = AutoModelForTokenClassification
+    base_model_class = HyperMoeModel
 
 
 class HyperMoeForQuestionAnswering(MoePreTrainedModel):
@@ -140,6 +151,7 @@ class HyperMoeForQuestionAnswering(MoePreTrainedModel):
     config_class = HyperMoeConfig
     layer_class = HyperMoeLayer
     auto_class = AutoModelForQuestionAnswering
+    base_model_class = HyperMoeModel
 
 
 class HyperMoeForMultipleChoice(MoePreTrainedModel):
@@ -148,6 +160,7 @@ class HyperMoeForMultipleChoice(MoePreTrainedModel):
     config_class = HyperMoeConfig
     layer_class = HyperMoeLayer
     auto_class = AutoModelForMultipleChoice
+    base_model_class = HyperMoeModel
 
 
 class HyperMoeForConditionalGeneration(MoePreTrainedModel, GenerationMixin):
@@ -156,6 +169,7 @@ class HyperMoeForConditionalGeneration(MoePreTrainedModel, GenerationMixin):
     config_class = HyperMoeConfig
     layer_class = HyperMoeLayer
     auto_class = AutoModelForSeq2SeqLM
+    base_model_class = HyperMoeModel
 
 
 class HyperRouterModel(MoePreTrainedModel):
@@ -172,6 +186,7 @@ class HyperRouterForCausalLM(MoePreTrainedModel, GenerationMixin):
     config_class = HyperRouterConfig
     layer_class = HyperRouterLayer
     auto_class = AutoModelForCausalLM
+    base_model_class = HyperRouterModel
 
 
 class HyperRouterForMaskedLM(MoePreTrainedModel):
@@ -180,6 +195,7 @@ class HyperRouterForMaskedLM(MoePreTrainedModel):
     config_class = HyperRouterConfig
     layer_class = HyperRouterLayer
     auto_class = AutoModelForMaskedLM
+    base_model_class = HyperRouterModel
 
 
 class HyperRouterForSequenceClassification(MoePreTrainedModel):
@@ -188,6 +204,7 @@ class HyperRouterForSequenceClassification(MoePreTrainedModel):
     config_class = HyperRouterConfig
     layer_class = HyperRouterLayer
     auto_class = AutoModelForSequenceClassification
+    base_model_class = HyperRouterModel
 
 
 class HyperRouterForTokenClassification(MoePreTrainedModel):
@@ -196,6 +213,7 @@ class HyperRouterForTokenClassification(MoePreTrainedModel):
     config_class = HyperRouterConfig
     layer_class = HyperRouterLayer
     auto_class = AutoModelForTokenClassification
+    base_model_class = HyperRouterModel
 
 
 class HyperRouterForQuestionAnswering(MoePreTrainedModel):
@@ -204,6 +222,7 @@ class HyperRouterForQuestionAnswering(MoePreTrainedModel):
     config_class = HyperRouterConfig
     layer_class = HyperRouterLayer
     auto_class = AutoModelForQuestionAnswering
+    base_model_class = HyperRouterModel
 
 
 class HyperRouterForMultipleChoice(MoePreTrainedModel):
@@ -212,6 +231,7 @@ class HyperRouterForMultipleChoice(MoePreTrainedModel):
     config_class = HyperRouterConfig
     layer_class = HyperRouterLayer
     auto_class = AutoModelForMultipleChoice
+    base_model_class = HyperRouterModel
 
 
 class HyperRouterForConditionalGeneration(MoePreTrainedModel, GenerationMixin):
@@ -220,6 +240,7 @@ class HyperRouterForConditionalGeneration(MoePreTrainedModel, GenerationMixin):
     config_class = HyperRouterConfig
     layer_class = HyperRouterLayer
     auto_class = AutoModelForSeq2SeqLM
+    base_model_class = HyperRouterModel
 
 
 class MultiHeadMoeModel(MoePreTrainedModel):
@@ -236,6 +257,7 @@ class MultiHeadMoeForCausalLM(MoePreTrainedModel, GenerationMixin):
     config_class = MultiHeadMoeConfig
     layer_class = MultiHeadMoeLayer
     auto_class = AutoModelForCausalLM
+    base_model_class = MultiHeadMoeModel
 
 
 class MultiHeadMoeForMaskedLM(MoePreTrainedModel):
@@ -244,6 +266,7 @@ class MultiHeadMoeForMaskedLM(MoePreTrainedModel):
     config_class = MultiHeadMoeConfig
     layer_class = MultiHeadMoeLayer
     auto_class = AutoModelForMaskedLM
+    base_model_class = MultiHeadMoeModel
 
 
 class MultiHeadMoeForSequenceClassification(MoePreTrainedModel):
@@ -252,6 +275,7 @@ class MultiHeadMoeForSequenceClassification(MoePreTrainedModel):
     config_class = MultiHeadMoeConfig
     layer_class = MultiHeadMoeLayer
     auto_class = AutoModelForSequenceClassification
+    base_model_class = MultiHeadMoeModel
 
 
 class MultiHeadMoeForTokenClassification(MoePreTrainedModel):
@@ -260,6 +284,7 @@ class MultiHeadMoeForTokenClassification(MoePreTrainedModel):
     config_class = MultiHeadMoeConfig
     layer_class = MultiHeadMoeLayer
     auto_class = AutoModelForTokenClassification
+    base_model_class = MultiHeadMoeModel
 
 
 class MultiHeadMoeForQuestionAnswering(MoePreTrainedModel):
@@ -268,6 +293,7 @@ class MultiHeadMoeForQuestionAnswering(MoePreTrainedModel):
     config_class = MultiHeadMoeConfig
     layer_class = MultiHeadMoeLayer
     auto_class = AutoModelForQuestionAnswering
+    base_model_class = MultiHeadMoeModel
 
 
 class MultiHeadMoeForMultipleChoice(MoePreTrainedModel):
@@ -276,6 +302,7 @@ class MultiHeadMoeForMultipleChoice(MoePreTrainedModel):
     config_class = MultiHeadMoeConfig
     layer_class = MultiHeadMoeLayer
     auto_class = AutoModelForMultipleChoice
+    base_model_class = MultiHeadMoeModel
 
 
 class MultiHeadMoeForConditionalGeneration(MoePreTrainedModel, GenerationMixin):
@@ -284,6 +311,7 @@ class MultiHeadMoeForConditionalGeneration(MoePreTrainedModel, GenerationMixin):
     config_class = MultiHeadMoeConfig
     layer_class = MultiHeadMoeLayer
     auto_class = AutoModelForSeq2SeqLM
+    base_model_class = MultiHeadMoeModel
 
 
 class DynamicMoeModel(MoePreTrainedModel):
@@ -300,6 +328,7 @@ class DynamicMoeForCausalLM(MoePreTrainedModel, GenerationMixin):
     config_class = DynamicMoeConfig
     layer_class = DynamicMoeLayer
     auto_class = AutoModelForCausalLM
+    base_model_class = DynamicMoeModel
 
 
 class DynamicMoeForMaskedLM(MoePreTrainedModel):
@@ -308,6 +337,7 @@ class DynamicMoeForMaskedLM(MoePreTrainedModel):
     config_class = DynamicMoeConfig
     layer_class = DynamicMoeLayer
     auto_class = AutoModelForMaskedLM
+    base_model_class = DynamicMoeModel
 
 
 class DynamicMoeForSequenceClassification(MoePreTrainedModel):
@@ -316,6 +346,7 @@ class DynamicMoeForSequenceClassification(MoePreTrainedModel):
     config_class = DynamicMoeConfig
     layer_class = DynamicMoeLayer
     auto_class = AutoModelForSequenceClassification
+    base_model_class = DynamicMoeModel
 
 
 class DynamicMoeForTokenClassification(MoePreTrainedModel):
@@ -324,6 +355,7 @@ class DynamicMoeForTokenClassification(MoePreTrainedModel):
     config_class = DynamicMoeConfig
     layer_class = DynamicMoeLayer
     auto_class = AutoModelForTokenClassification
+    base_model_class = DynamicMoeModel
 
 
 class DynamicMoeForQuestionAnswering(MoePreTrainedModel):
@@ -332,6 +364,7 @@ class DynamicMoeForQuestionAnswering(MoePreTrainedModel):
     config_class = DynamicMoeConfig
     layer_class = DynamicMoeLayer
     auto_class = AutoModelForQuestionAnswering
+    base_model_class = DynamicMoeModel
 
 
 class DynamicMoeForMultipleChoice(MoePreTrainedModel):
@@ -340,6 +373,7 @@ class DynamicMoeForMultipleChoice(MoePreTrainedModel):
     config_class = DynamicMoeConfig
     layer_class = DynamicMoeLayer
     auto_class = AutoModelForMultipleChoice
+    base_model_class = DynamicMoeModel
 
 
 class DynamicMoeForConditionalGeneration(MoePreTrainedModel, GenerationMixin):
@@ -348,6 +382,7 @@ class DynamicMoeForConditionalGeneration(MoePreTrainedModel, GenerationMixin):
     config_class = DynamicMoeConfig
     layer_class = DynamicMoeLayer
     auto_class = AutoModelForSeq2SeqLM
+    base_model_class = DynamicMoeModel
 
 
 MODEL_CLASSES = {  # (class-name prefix, head) -> class

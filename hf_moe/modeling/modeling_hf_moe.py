@@ -17,6 +17,7 @@ import os
 import re
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import (
@@ -30,6 +31,7 @@ from transformers import (
     AutoModelForTokenClassification,
     PreTrainedModel,
 )
+from transformers.core_model_loading import WeightRenaming
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils.output_capturing import CompileableContextVar
 
@@ -45,10 +47,12 @@ from .topk_moe import TopKMoeLayer, pooled_router_losses
 class RoutingContext:
     """What the MoE blocks of one forward share: each stack's per-token padding mask (`token_padding_mask`) and the
     list each block appends `(stack, MoeLayerOutput)` to (None: record nothing, as when checkpointing recomputes a
-    layer). The model's forward owns it; nothing is stored on the modules, so concurrent forwards do not mix."""
+    layer). The forward of the model called first owns it (a head's, whose dense forward then calls `base_model`,
+    which runs in it); nothing is stored on the modules, so concurrent forwards do not mix."""
 
     padding_masks: dict[str, torch.Tensor | None]
     layer_outputs: list | None
+    base_model: nn.Module | None = None
 
 
 # the routing context of the forward running in this thread (a plain global while torch.compile traces)
@@ -119,6 +123,18 @@ class MoeFeedForward(nn.Module):
         return self.dropout(output.hidden_states)
 
 
+def _checkpoint_keys(state_dict, checkpoint_files) -> list[str]:
+    """The tensor names of a checkpoint being loaded (safetensors files are read for their headers only)."""
+    if state_dict is not None:
+        return list(state_dict)
+    keys = []
+    for path in checkpoint_files or []:
+        if path.endswith(".safetensors"):
+            with safe_open(path, framework="pt") as f:
+                keys += f.keys()
+    return keys
+
+
 def _names_parameters(rule: str, parameters: list[str]) -> bool:
     """Whether a parallel-plan rule (`layers.*.self_attn.q_proj`) names some parameter or a module holding one."""
     pattern = re.compile(re.escape(rule).replace(r"\*", r"\d+") + r"(\..+)?")
@@ -150,10 +166,31 @@ class _StackModule:
         return self.modules[self.stack](*args)
 
 
+# what transformers reads from a model class about its keys and devices, taken over from the dense model
+_DENSE_MODEL_ATTRIBUTES = (
+    "_tied_weights_keys",
+    "_keep_in_fp32_modules",
+    "_keep_in_fp32_modules_strict",
+    "_no_split_modules",
+    "_skip_keys_device_placement",
+    "_keys_to_ignore_on_load_unexpected",
+    "_keys_to_ignore_on_load_missing",
+    "_keys_to_ignore_on_save",
+)
+
+
 class MoePreTrainedModel(PreTrainedModel):
-    """Shared machinery; a family sets `config_class` and `layer_class`, a head sets `auto_class`."""
+    """Shared machinery; a family sets `config_class` and `layer_class`, a head sets `auto_class` and
+    `base_model_class` (the family's `<Family>Model`).
+
+    A model takes the place of the dense transformers model of its `auto_class` (`backbone`) with the same children,
+    so its state-dict keys are the dense model's (`model.layers.0...`, `lm_head.weight`); the dense model's base
+    model (`model`, `bert`, `transformer`) becomes our `<Family>Model` over it, which holds the MoE layers and what a
+    stack shares (HyperMoE's `hyper_generators`). `base_model_prefix` is the dense model's.
+    """
 
     base_model_prefix = "model"
+    base_model_class = None
     supports_gradient_checkpointing = True
     _can_compile_fullgraph = True  # with any experts implementation: `eager` runs `grouped_mm` while compiling
     _supports_sdpa = True
@@ -163,35 +200,43 @@ class MoePreTrainedModel(PreTrainedModel):
     layer_class = TopKMoeLayer
     auto_class = AutoModel
 
-    def __init__(self, config):
+    def __init__(self, config, dense: PreTrainedModel | None = None):
+        """`dense`: the transformers model this one takes the place of, built from `config.text_config` with
+        `auto_class` when None (a head passes its own dense model's base model to its `base_model_class`)."""
         super().__init__(config)
         text_config = config.text_config
         for name in ("id2label", "label2id", "problem_type"):  # task fields live on the wrapper config
             setattr(text_config, name, getattr(config, name))
         # the backbone classes cannot set an experts implementation; only our experts read it, from `config`
         text_config._experts_implementation_internal = None
-        if type(text_config) not in self.auto_class._model_mapping:
-            raise ValueError(
-                f"{type(self).__name__} needs a {text_config.model_type} model for {self.auto_class.__name__}, "
-                "which transformers does not have; pick another head or backbone."
-            )
-        backbone = self.auto_class.from_config(text_config)
-        if self.auto_class is AutoModel:
-            # base models keep the backbone under `model.<prefix>.` as the heads do (`model.bert.…`, `model.model.…`),
-            # so one checkpoint loads into every head, as a dense base checkpoint does in transformers
-            self.model = nn.Module()
-            setattr(self.model, backbone.base_model_prefix, backbone)
-            # transformers collects tied weights (T5's shared embeddings) only from PreTrainedModel children
-            self.model.all_tied_weights_keys = {
-                f"{backbone.base_model_prefix}.{target}": f"{backbone.base_model_prefix}.{source}"
-                for target, source in backbone.all_tied_weights_keys.items()
-            }
-        else:
-            self.model = backbone
-        self.backbone_prefix = backbone.base_model_prefix if self.auto_class is AutoModel else None
-        self._no_split_modules = backbone._no_split_modules
-        self.hyper_generators = self._install_moe_layers()
+        if dense is None:
+            if type(text_config) not in self.auto_class._model_mapping:
+                raise ValueError(
+                    f"{type(self).__name__} needs a {text_config.model_type} model for {self.auto_class.__name__}, "
+                    "which transformers does not have; pick another head or backbone."
+                )
+            dense = self.auto_class.from_config(text_config)
+        self._take_place_of(dense)
+        self.hyper_generators = self._install_moe_layers() if self.base_model is self else None
         self.post_init()
+
+    def _take_place_of(self, dense: PreTrainedModel):
+        """Hold `dense`'s children under their names (so the state-dict keys are the dense model's, plus the MoE
+        layers'), with its base model, if it has one, replaced by our base model over it. `dense` keeps running its
+        own forward on them: it shares this model's module, parameter and buffer tables, so a module PEFT or
+        accelerate swaps in here is the one its forward calls."""
+        self.base_model_prefix = dense.base_model_prefix
+        dense_base = getattr(dense, dense.base_model_prefix, None)
+        for name, child in dense.named_children():
+            self.add_module(name, self.base_model_class(self.config, child) if child is dense_base else child)
+        self._parameters.update(dense._parameters)
+        self._buffers.update(dense._buffers)
+        self._non_persistent_buffers_set |= dense._non_persistent_buffers_set
+        dense._modules, dense._parameters, dense._buffers = self._modules, self._parameters, self._buffers
+        dense._non_persistent_buffers_set = self._non_persistent_buffers_set
+        self.__dict__["backbone"] = dense  # unregistered: its modules are this model's
+        for name in _DENSE_MODEL_ATTRIBUTES:
+            setattr(self, name, getattr(dense, name))
 
     @property
     def family(self) -> MoeFamily:
@@ -220,11 +265,6 @@ class MoePreTrainedModel(PreTrainedModel):
         checkpoint_function = functools.partial(_checkpoint_in_routing_context, gradient_checkpointing_func)
         super()._set_gradient_checkpointing(enable, checkpoint_function, every_n_layers)
 
-    @property
-    def backbone(self) -> PreTrainedModel:
-        """The transformers model (any head) whose FFNs were replaced."""
-        return getattr(self.model, self.backbone_prefix) if self.backbone_prefix else self.model
-
     def _install_moe_layers(self) -> nn.ModuleDict:
         """Replace the FFN of every MoE layer of every stack; returns the family's per-stack modules, if any."""
         config, stack_module = self.config, self.family.stack_module
@@ -243,19 +283,18 @@ class MoePreTrainedModel(PreTrainedModel):
         return stack_modules
 
     def init_parallel_plans(self):
-        """transformers' distributed engine plans (docs/backbones.md §5): the backbone's tensor-parallel rules under
-        its path here, less those of the dense FFNs the MoE blocks replaced, plus rules for the fused experts: tensor
+        """transformers' distributed engine plans (docs/backbones.md §5): the dense model's rules (over the same
+        modules), less those of the dense FFNs the MoE blocks replaced, plus rules for the fused experts: tensor
         parallel (each rank a slice of every expert's inner dimension) where the backbone has a plan, expert parallel
         (each rank whole experts) on every backbone. Every rule names existing parameters."""
-        super().init_parallel_plans()
-        path = next(name for name, module in self.named_modules() if module is self.backbone)
-        backbone_tp_plan = self.backbone._tp_plan or {}
-        tp_plan = {**self._tp_plan, **{f"{path}.{key}": style for key, style in backbone_tp_plan.items()}}
-        ep_plan = dict(self._ep_plan)
+        dense = self.backbone
+        dense.init_parallel_plans()  # its class's plans and those of its children, our base model's included
+        self._pp_plan, self._fsdp_plan = dict(dense._pp_plan), dict(dense._fsdp_plan)
+        tp_plan, ep_plan = dict(dense._tp_plan), dict(dense._ep_plan)
         for rule, experts in _experts_rules(self).items():
             names = [name for name, _ in experts.named_parameters(recurse=False)]
             ep_plan |= {f"{rule}.{name}": "grouped_gemm" for name in names} | {rule: "ep_dispatch_experts"}
-            if backbone_tp_plan and experts.has_gate and not experts.has_bias:
+            if dense._tp_plan and experts.has_gate and not experts.has_bias:
                 tp_plan |= {f"{rule}.gate_up_proj": "packed_colwise", f"{rule}.down_proj": "rowwise",
                             rule: "moe_tp_experts"}
         parameters = [name for name, _ in self.named_parameters()]
@@ -281,6 +320,33 @@ class MoePreTrainedModel(PreTrainedModel):
             )
         return super()._resolve_parallel_plans(distributed_config)
 
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
+        renamings = model._legacy_key_renamings(_checkpoint_keys(state_dict, checkpoint_files))
+        if renamings:
+            mapping = [*renamings, *(load_config.weight_mapping or [])]
+            load_config = dataclasses.replace(load_config, weight_mapping=mapping)
+        result = PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys)
+        # transformers reverses the renamings a model was loaded with when saving it; ours are not to be reversed
+        model._weight_conversions = [c for c in model._weight_conversions if not any(c is r for r in renamings)]
+        return result
+
+    def _legacy_key_renamings(self, checkpoint_keys) -> list[WeightRenaming]:
+        """Renamings that load a checkpoint of hf-moe 0.1, which kept the dense model (or, for `<Family>Model`,
+        a container of the dense base model) under `model.` and HyperMoE's generators at the top (docs/backbones.md
+        §6); none for a checkpoint in the current layout, recognised by its keys."""
+        prefix = self.base_model_prefix
+        if self.auto_class is AutoModel:  # model.<prefix>.<key> -> <key>
+            old_container, renamings = {prefix}, [(rf"^model\.{prefix}\.(.+)$", r"\1")]
+        else:  # model.<key> -> <key>, and the generators into the base model
+            old_container = set(self._modules) - {"hyper_generators"}
+            renamings = [(r"^model\.(.+)$", r"\1")]
+            if self.base_model is not self:
+                renamings.append((r"^hyper_generators\.(.+)$", rf"{prefix}.hyper_generators.\1"))
+        if not any(key.startswith(f"model.{name}.") for key in checkpoint_keys for name in old_container):
+            return []
+        return [WeightRenaming(source_patterns=old, target_patterns=new) for old, new in renamings]
+
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
         return True
@@ -288,6 +354,20 @@ class MoePreTrainedModel(PreTrainedModel):
     def get_correct_experts_implementation(self, requested_experts):
         # our eager path (sorted loop over experts) reaches the dense floor on CPU (docs/backbones.md §3)
         return super().get_correct_experts_implementation(requested_experts or "eager")
+
+    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
+        if all_submodels:
+            return super().get_expanded_tied_weights_keys(all_submodels=True)
+        return self.backbone.get_expanded_tied_weights_keys()  # the dense model's ties, as its config says
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.training = mode  # the dense forward reads its own flag
+        return self
+
+    def _init_weights(self, module):
+        # the dense model's init (a new head or pooler is initialised as transformers would)
+        self.backbone._init_weights(module)
 
     def initialize_weights(self):
         super().initialize_weights()
@@ -356,6 +436,10 @@ class MoePreTrainedModel(PreTrainedModel):
             "use_cache": use_cache,
         }
         inputs = {name: value for name, value in inputs.items() if value is not None}
+        # dynamo cannot trace ContextVar.get; while compiling, a context exists only once a compiled forward set it
+        context = None if torch.compiler.is_compiling() and not _ROUTING_CONTEXT.compiling else _ROUTING_CONTEXT.get()
+        if context is not None and context.base_model is self:  # our head's dense forward calls its base model
+            return self.backbone(**inputs, **kwargs, return_dict=return_dict)
         if self._supports_logits_to_keep():
             inputs["logits_to_keep"] = logits_to_keep
         elif not isinstance(logits_to_keep, int) or logits_to_keep:
@@ -369,7 +453,8 @@ class MoePreTrainedModel(PreTrainedModel):
         else:
             masks = dict.fromkeys(("encoder", "decoder"), token_padding_mask(attention_mask, cache))
         recorded = []
-        token = _ROUTING_CONTEXT.set(RoutingContext(masks, recorded))
+        base_model = self.base_model if self.base_model is not self else None
+        token = _ROUTING_CONTEXT.set(RoutingContext(masks, recorded, base_model))
         group_token = STATISTICS_GROUP.set(self._statistics_group())
         try:
             outputs = self.backbone(**inputs, **kwargs, return_dict=True)

@@ -4,7 +4,8 @@
 Each token gets, besides its top-k experts, a bottleneck adapter (the HyperExpert) whose weights a hypernetwork
 generates from the sum of the embeddings of the experts the token did NOT select. The generated weights depend on
 the token only through its selected set, so we generate once per distinct set in the batch and apply the adapters
-grouped (docs/hypermoe.md §7): the same math as per-token generation, without a [tokens, d, r] tensor.
+with one grouped matmul per projection (docs/hypermoe.md §7): the same math as per-token generation, without a
+[tokens, d, r] tensor. At inference the adapters are also cached per set, so decoding steps reuse them.
 
 Departures from the official code: general k (the Switch code has k = 1); the tiny generator init is kept for every
 backbone (the GPT-2 variant's generic init overwrites it; `hyper_init="normal"` reproduces that); the linear router
@@ -12,11 +13,13 @@ for every backbone (`router_type="noisy_top_k"` gives the GPT-2 variant's); no j
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
+from transformers.integrations.moe import _grouped_mm
 
 from .configuration_hf_moe import HyperMoeConfig
 from .experts import FfnSpec
@@ -105,11 +108,24 @@ class NoisyTopKRouter(nn.Module):
         return clean, F.softplus(F.linear(x, self.noise_weight.to(x.dtype))) + 0.01
 
 
+class AdapterCache(NamedTuple):
+    """The adapters generated at inference for the selection sets met so far (`keys` [C], ascending), and what they
+    were generated from (`params`, held so that their ids stay theirs; `state`, compared at every call)."""
+
+    params: tuple
+    state: tuple
+    keys: torch.Tensor
+    adapters: tuple
+
+
 class HyperMoeLayer(TopKMoeLayer):
     """Top-k MoE output plus the HyperExpert of the token's unselected experts (unweighted sum, docs/hypermoe.md §2).
 
-    `generator` is shared by the layers of a stack and owned by the model, so it is held here unregistered.
+    `generator` is shared by the layers of a stack and owned by the model, so it is held here unregistered; so is
+    `adapter_cache`, the adapters generated at inference (`cached_adapters`), which is no state to save.
     """
+
+    adapter_cache_bytes = 64 * 2**20  # per layer; a batch that would grow the cache past it restarts it
 
     def __init__(self, config, ffn: FfnSpec, layer_idx: int, generator: HyperExpertGenerator):
         super().__init__(config, ffn, layer_idx)
@@ -117,7 +133,17 @@ class HyperMoeLayer(TopKMoeLayer):
         self.expert_embedding = nn.Embedding(config.num_experts, dim)  # EmbExp_l
         self.embedding_process = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
         self.__dict__["generator"] = generator
+        self.__dict__["adapter_cache"] = None
         self.reset_parameters()
+
+    def __getstate__(self):
+        """Pickling and `deepcopy` leave the adapter cache behind."""
+        return {**super().__getstate__(), "adapter_cache": None}
+
+    def train(self, mode: bool = True):
+        """Also drops the adapter cache: `train()`/`eval()` refresh it after edits no version counter sees (`.data`)."""
+        self.__dict__["adapter_cache"] = None
+        return super().train(mode)
 
     def build_router(self, config, hidden_size: int) -> nn.Module:
         if config.router_type == "noisy_top_k":  # the official GPT-2 variant's gate (docs/hypermoe.md §6, item 7)
@@ -173,22 +199,24 @@ class HyperMoeLayer(TopKMoeLayer):
         return super().moe_output(x, index, weights, kept) + self.hyper_expert(x, index)
 
     def hyper_expert(self, x, index):
+        """Each token's HyperExpert output [T, d]: the adapter of its selection set (`index` [T, k]) applied to x."""
         if torch.compiler.is_compiling():
             # torch.compile/export need static shapes: one adapter per token instead of per distinct set (same math)
             w_down, b_down, w_up, b_up = self.adapters(index, x.dtype)
             hidden = torch.relu(torch.bmm(x[:, None], w_down)[:, 0] + b_down)  # [T, r]
             return torch.bmm(hidden[:, None], w_up)[:, 0] + b_up
         # a set is keyed by its sorted indices (any number of experts; a sentinel slot, index E, selects nothing)
-        sets, set_of_token = index.sort(-1).values.unique(dim=0, return_inverse=True)  # [G, k], [T]
-        w_down, b_down, w_up, b_up = self.adapters(sets, x.dtype)
-
-        order = set_of_token.argsort(stable=True)
-        counts = torch.bincount(set_of_token, minlength=len(sets)).tolist()
-        pieces = [
-            torch.relu(chunk @ w_down[g] + b_down[g]) @ w_up[g] + b_up[g]
-            for g, chunk in enumerate(x[order].split(counts))
-        ]
-        return torch.zeros_like(x).index_copy(0, order, torch.cat(pieces))  # [T, d]
+        sets = index.sort(-1).values  # [T, k]
+        base, top_k = self.num_experts + 1, sets.shape[1]
+        if base**top_k > torch.iinfo(torch.int64).max:  # too many sets to number them: batch-local ids, no cache
+            rows, set_of_token = sets.unique(dim=0, return_inverse=True)  # [G, k], [T]
+            return apply_adapters(x, set_of_token, self.adapters(rows, x.dtype))
+        powers = base ** torch.arange(top_k - 1, -1, -1, device=sets.device)  # [k]
+        keys = (sets * powers).sum(-1)  # [T]: each set as a base-(E+1) number, ordered as the sorted rows
+        if self.training or torch.is_grad_enabled():
+            unique_keys, set_of_token = keys.unique(return_inverse=True)  # [G], [T]
+            return apply_adapters(x, set_of_token, self.adapters(unique_keys[:, None] // powers % base, x.dtype))
+        return apply_adapters(x, *self.cached_adapters(keys, powers, x.dtype))
 
     def adapters(self, sets, dtype):
         """HyperExpert weights for each selection in `sets` [G, k], from the embeddings of its unselected experts."""
@@ -196,6 +224,75 @@ class HyperMoeLayer(TopKMoeLayer):
         unselected = 1 - selected.scatter_(1, sets, 1.0)[:, : self.num_experts]  # [G, E]
         set_features = self.embedding_process(unselected @ self.expert_embedding.weight)  # [G, emb]
         return self.generator(set_features, self.layer_idx)
+
+    def cached_adapters(self, keys, powers, dtype):
+        """Inference: each token's row [T] in the adapters of every set met since the parameters they are generated
+        from last changed. A set's adapter is generated once, with the other sets its batch meets first."""
+        params, state = self.adapter_state(powers.shape[0], dtype, keys.device.type)
+        cache, base = self.adapter_cache, self.num_experts + 1
+        if cache is not None and cache.state != state:
+            cache = None
+        if cache is not None:
+            slot = torch.searchsorted(cache.keys, keys).clamp_(max=cache.keys.shape[0] - 1)  # [T]
+            missing = cache.keys[slot] != keys  # [T]
+            if not missing.any():
+                return slot, cache.adapters
+            new_keys = keys[missing].unique()  # [N]
+            row_bytes = sum(a.nbytes for a in cache.adapters) // cache.keys.shape[0]
+            if (cache.keys.shape[0] + new_keys.shape[0]) * row_bytes > self.adapter_cache_bytes:
+                cache = None
+        if cache is None:
+            keys_seen = keys.unique()  # [G]
+            adapters = self.adapters(keys_seen[:, None] // powers % base, dtype)
+        else:
+            keys_seen, order = torch.cat([cache.keys, new_keys]).sort()  # [C + N]
+            new = self.adapters(new_keys[:, None] // powers % base, dtype)
+            adapters = tuple(torch.cat(pair)[order] for pair in zip(cache.adapters, new))
+        self.__dict__["adapter_cache"] = AdapterCache(params, state, keys_seen, adapters)
+        return torch.searchsorted(keys_seen, keys), adapters
+
+    def adapter_state(self, top_k: int, dtype, device_type: str):
+        """The parameters the adapters are generated from, and a tuple that changes with any of them (identity,
+        storage, dtype, device, in-place version), with the copy a PEFT wrapper runs, k, and the dtype and autocast."""
+        modules = (self.expert_embedding, self.embedding_process, _stack_module(self.generator))
+        params = tuple(p for module in modules for p in module.parameters())
+        autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
+        tensors = tuple((id(p), p.data_ptr(), p.dtype, p.device, p._version) for p in params)
+        return params, (top_k, dtype, autocast, *map(_peft_active_copy, modules), *tensors)
+
+
+def apply_adapters(x, set_of_token, adapters):
+    """relu(x·W_down + b_down)·W_up + b_up [T, d], each token with the adapter `set_of_token` [T] picks among the G
+    `adapters` (W_down [G, d, r], b_down [G, r], W_up [G, r, d], b_up [G, d]): tokens sorted by set, one grouped
+    matmul per projection."""
+    w_down, b_down, w_up, b_up = adapters
+    group, order = set_of_token.sort(stable=True)  # [T], [T]
+    ends = torch.bincount(set_of_token, minlength=w_down.shape[0]).cumsum(0).to(torch.int32)  # [G]
+    hidden = torch.relu(grouped_matmul(x[order], w_down, ends) + b_down[group])  # [T, r]
+    output = grouped_matmul(hidden, w_up, ends) + b_up[group]  # [T, d], sorted by set
+    return torch.empty_like(output).index_copy(0, order, output)
+
+
+def grouped_matmul(x, weight, ends):
+    """x [T, a], rows sorted by group, each times its group's weight [G, a, b] -> [T, b]; `ends` [G] (int32) is where
+    each group's rows end. torch's grouped_mm (through transformers' dispatcher) for the dtypes it takes (not
+    float64), else one matmul per group."""
+    if x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return _grouped_mm(x, weight, ends)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
+    return torch.cat([rows @ w for rows, w in zip(x.split(counts), weight.unbind())])
+
+
+def _stack_module(generator) -> nn.Module:
+    """The generator module: a model hands its layers a `_StackModule`, which looks the module up at every call."""
+    return generator if isinstance(generator, nn.Module) else generator.modules[generator.stack]
+
+
+def _peft_active_copy(module: nn.Module):
+    """Which copy a PEFT `modules_to_save` wrapper runs (it switches copies without touching a parameter), or None."""
+    if "original_module" not in module._modules:
+        return None
+    return module.disable_adapters, tuple(module.active_adapters)
 
 
 def noisy_top_k_balance_loss(clean, noisy, noise_scale, probs, index, weights, token_mask=None) -> torch.Tensor:

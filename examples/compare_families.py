@@ -8,40 +8,157 @@ Each (task, model, seed) is one `hf_moe.training.finetune.finetune` run (8 exper
 epochs; lr 1e-4, batch 16), evaluated on the task's full dev split. Results are appended to
 `<output-dir>/results.jsonl` as runs finish, so an interrupted sweep resumes where it stopped; `results.md` (the table)
 is rewritten at the end. `--workers N` runs N processes of `--threads` torch threads each (2 x 1 is ~1.3x the
-throughput of 1 x 2 on a 2-core CPU).
+throughput of 1 x 2 on a 2-core CPU). SIGTERM or SIGINT to the main process stops every worker; so does its death by
+SIGKILL (on Linux).
+
+The sweep machinery (`finetune_run`, `sweep_and_tabulate`, `run_one`) is shared with examples/run_full_size.py.
 """
 
 import argparse
+import ctypes
+import glob
 import json
 import math
 import os
+import re
+import shutil
+import signal
 import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
+from contextlib import contextmanager
+from multiprocessing import active_children, get_context
 
 from hf_moe.options import add_expert_count_arguments
 from hf_moe.quickstart import FAMILIES, MOE_OPTIONS, default_model_path
 
 # task: (train subset, max_length, epochs); dev splits are used in full
 PRESETS = {"sst2": (1024, 64, 1.0), "rte": (384, 64, 1.0), "mrpc": (1024, 64, 1.0), "cb": (250, 64, 3.0)}
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 
 
-def run_one(job, threads):
+def run_one(run, threads):
+    """One fine-tuning run, in a worker process. `run` holds `finetune`'s keywords, model and task included.
+
+    An earlier attempt's last complete Trainer checkpoint in the run's folder is resumed from (the row records its step
+    as `resumed_from_step`, 0 for a fresh start); the run's checkpoints are deleted once it has finished, since the
+    row is all the sweep keeps (a full-size MoE checkpoint with its optimizer state is several GB)."""
     import torch
 
     from hf_moe.training.finetune import finetune
 
     torch.set_num_threads(threads)
-    task, family, seed, model, data_dir, output_dir, lr, (num_experts, top_k), (samples, max_length, epochs) = job
-    result = finetune(
-        model, task, family=None if family == "dense" else family, data_dir=data_dir,
-        output_dir=os.path.join(output_dir, "runs", f"{task}-{family}-{seed}"), max_train_samples=samples,
-        max_length=max_length, epochs=epochs, lr=lr, batch_size=16, seed=seed, num_experts=num_experts, top_k=top_k,
-        training_args={"disable_tqdm": True, "per_device_eval_batch_size": 64},
-        **(MOE_OPTIONS if family != "dense" else {}),
-    )
-    return {"seed": seed, **result}
+    run = dict(run)
+    checkpoint = last_complete_checkpoint(run["output_dir"])
+    result = finetune(run.pop("model"), run.pop("task"), resume_from_checkpoint=checkpoint, **run)
+    for folder in _checkpoint_folders(run["output_dir"]):
+        shutil.rmtree(folder, ignore_errors=True)
+    resumed_from = int(CHECKPOINT.search(checkpoint).group(1)) if checkpoint else 0
+    return {"seed": run["seed"], "resumed_from_step": resumed_from, **result}
+
+
+def _checkpoint_folders(output_dir):
+    return [path for path in glob.glob(os.path.join(output_dir, "checkpoint-*")) if CHECKPOINT.search(path)]
+
+
+def last_complete_checkpoint(output_dir):
+    """The `checkpoint-N` folder of `output_dir` with the highest N whose trainer_state.json reads, or None.
+
+    The Trainer writes trainer_state.json last, so a process killed while saving leaves a folder without it (or with a
+    truncated one): that folder is passed over for the one before."""
+    for folder in sorted(_checkpoint_folders(output_dir), key=lambda p: -int(CHECKPOINT.search(p).group(1))):
+        try:
+            with open(os.path.join(folder, "trainer_state.json")) as f:
+                json.load(f)
+        except (OSError, ValueError):
+            continue
+        return folder
+    return None
+
+
+def finetune_run(model, task, family, seed, output_dir, moe_options=MOE_OPTIONS, **settings):
+    """`run_one`'s keywords for one (task, family, seed), run in `<output_dir>/runs/<task>-<family>-<seed>`: `family`
+    "dense" is the dense baseline, and every other family also gets `moe_options` (default: renormalised top-k/top-p
+    weights)."""
+    return {"model": model, "task": task, "family": None if family == "dense" else family, "seed": seed,
+            "output_dir": os.path.join(output_dir, "runs", f"{task}-{family}-{seed}"), **settings,
+            **(moe_options if family != "dense" else {})}
+
+
+def runs_to_do(tasks, models, seeds, rows):
+    """The (task, model, seed) triples without a row in `rows` (runs an earlier sweep finished), seed by seed."""
+    done = {(r["task"], r["family"], r["seed"]) for r in rows}
+    return [(t, m, s) for s in seeds for t in tasks for m in models if (t, m, s) not in done]
+
+
+def _die_with_parent(parent_pid):
+    """Worker initializer: the worker gets SIGKILL when the sweep's main process dies, even by a SIGKILL that no
+    handler of its own sees (Linux `prctl(PR_SET_PDEATHSIG)`; the workers are started by `submit` in the main thread,
+    whose end is the process's), and exits at once if the main process died before this ran."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def _signals_exit():
+    """SIGTERM and SIGINT raise SystemExit(128 + signal) in the main thread while the sweep runs, so that it stops its
+    workers on either (SIGINT too where the shell started the sweep with SIGINT ignored, as in the background)."""
+    previous = {signum: signal.signal(signum, _exit_on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _stop(workers):
+    """SIGKILL the worker processes and reap them: their runs resume from their checkpoints on the next sweep."""
+    for worker in workers:
+        worker.kill()
+    for worker in workers:
+        worker.join()
+
+
+def sweep(runs, results_path, workers, threads):
+    """`run_one` every run of `runs` in `workers` spawned processes, appending each finished row to results_path as it
+    arrives; returns (rows, failed) with failed the (task, family, seed) of the runs that raised.
+
+    Signalled to stop (SIGTERM, SIGINT) or otherwise leaving early, the main process kills every worker before it
+    exits; a main process killed outright takes its workers with it (`_die_with_parent`)."""
+    rows, failed = [], []
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_die_with_parent,
+                               initargs=(os.getpid(),))
+    with _signals_exit(), pool:
+        others = {process.pid for process in active_children()}
+        try:
+            futures = {pool.submit(run_one, run, threads): run for run in runs}
+            for future in as_completed(futures):
+                run = futures[future]
+                key = (run["task"], run["family"] or "dense", run["seed"])
+                try:
+                    row = future.result()
+                except Exception as error:  # one broken run must not lose the others: report it, rerun resumes it
+                    failed.append(key)
+                    print(f"{key} failed: {type(error).__name__}: {error}", flush=True)
+                    continue
+                rows.append(row)
+                with open(results_path, "a") as f:
+                    f.write(json.dumps(row, default=str) + "\n")
+                print(f"{row['task']:>5} {row['family']:>12} seed {row['seed']}: {row['main_metric']} "
+                      f"{row[row['main_metric']]:.4f}, train {row['train_time_s']:.0f}s", flush=True)
+        except BaseException:
+            started = [process for process in active_children() if process.pid not in others]
+            _stop(started)
+            print(f"stopped {len(started)} worker(s); rerun the same command to resume", file=sys.stderr, flush=True)
+            raise
+    return rows, failed
 
 
 def load_done(path):
@@ -60,7 +177,9 @@ def mean_std(values, seeds):
     return f"{100 * statistics.mean(values):.1f} ± {100 * std:.1f}{partial}"
 
 
-def markdown(rows, tasks, models):
+def markdown(rows, tasks, models, settings):
+    """The results table: a row per model, a column per (task, metric), mean ± std over seeds; `settings` describes
+    the runs in the note under it."""
     from hf_moe.tasks import get_task
 
     columns = [(task, key) for task in tasks for key in get_task(task).metric_keys]
@@ -73,17 +192,31 @@ def markdown(rows, tasks, models):
             continue
         cells = [mean_std([r[key] for r in mine if r["task"] == task and not math.isnan(r[key])], len(seeds))
                  for task, key in columns]
-        sst2 = [r for r in mine if r["task"] == tasks[0]] or mine
+        first_task = [r for r in mine if r["task"] == tasks[0]] or mine
         cells += [
-            f"{sst2[0]['total_params'] / 1e6:.1f}M",
-            f"{statistics.mean(r['active_params'] for r in sst2) / 1e6:.1f}M",
+            f"{first_task[0]['total_params'] / 1e6:.1f}M",
+            f"{statistics.mean(r['active_params'] for r in first_task) / 1e6:.1f}M",
         ]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    presets = ", ".join(
-        f"{t} {PRESETS[t][0]} train / max_length {PRESETS[t][1]} / {PRESETS[t][2]:g} epoch(s)" for t in tasks
-    )
-    lines += ["", f"Mean ± sample std over seeds {seeds}, in %, on the full dev split. Presets: {presets}."]
+    lines += ["", f"Mean ± sample std over seeds {seeds}, in %, on the full dev split. {settings}"]
     return "\n".join(lines)
+
+
+def sweep_and_tabulate(runs, rows, output_dir, tasks, models, settings, workers, threads):
+    """Run what is left of a sweep whose finished rows are `rows`, then write `<output_dir>/results.md` (the table of
+    all rows, `markdown`) and print it; returns the exit status, 1 if a run failed."""
+    results_path = os.path.join(output_dir, "results.jsonl")
+    print(f"{len(runs)} runs to do ({len(rows)} already in {results_path})", flush=True)
+    new_rows, failed = sweep(runs, results_path, workers, threads)
+    table = markdown(rows + new_rows, tasks, models, settings)
+    tmp = os.path.join(output_dir, "results.md.tmp")
+    with open(tmp, "w") as f:
+        f.write(table + "\n")
+    os.replace(tmp, os.path.join(output_dir, "results.md"))
+    print(table)
+    if failed:
+        print(f"{len(failed)} runs failed (rerun the same command to retry them): {failed}")
+    return 1 if failed else 0
 
 
 def main(argv=None):
@@ -110,40 +243,20 @@ def main(argv=None):
     seeds = [int(s) for s in args.seeds.split(",")]
     model = args.model or default_model_path()
     os.makedirs(args.output_dir, exist_ok=True)
-    results_path = os.path.join(args.output_dir, "results.jsonl")
-    rows = load_done(results_path)
-    done = {(r["task"], r["family"], r["seed"]) for r in rows}
-    for task in tasks:
-        samples, max_length, epochs = PRESETS[task]
-        PRESETS[task] = (args.max_train_samples or samples, args.max_length or max_length, epochs)
-    experts = (args.num_experts, args.top_k)
-    jobs = [(t, m, s, model, args.data_dir, args.output_dir, args.lr, experts, PRESETS[t]) for s in seeds for t in tasks
-            for m in models if (t, m, s) not in done]
-    print(f"{len(jobs)} runs to do ({len(done)} already in {results_path})", flush=True)
-    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(run_one, job, args.threads): job for job in jobs}
-        failed = []
-        for future in as_completed(futures):
-            try:
-                row = future.result()
-            except Exception as error:  # one broken run must not lose the others: report it, rerun resumes it
-                failed.append(futures[future][:3])
-                print(f"{futures[future][:3]} failed: {type(error).__name__}: {error}", flush=True)
-                continue
-            rows.append(row)
-            with open(results_path, "a") as f:
-                f.write(json.dumps(row, default=str) + "\n")
-            print(f"{row['task']:>5} {row['family']:>12} seed {row['seed']}: {row['main_metric']} "
-                  f"{row[row['main_metric']]:.4f}, train {row['train_time_s']:.0f}s", flush=True)
-    table = markdown(rows, tasks, models)
-    tmp = os.path.join(args.output_dir, "results.md.tmp")
-    with open(tmp, "w") as f:
-        f.write(table + "\n")
-    os.replace(tmp, os.path.join(args.output_dir, "results.md"))
-    print(table)
-    if failed:
-        print(f"{len(failed)} runs failed (rerun the same command to retry them): {failed}")
-    return 1 if failed else 0
+    rows = load_done(os.path.join(args.output_dir, "results.jsonl"))
+    presets = {task: (args.max_train_samples or PRESETS[task][0], args.max_length or PRESETS[task][1],
+                      PRESETS[task][2]) for task in tasks}
+    runs = [
+        finetune_run(model, t, m, s, args.output_dir, data_dir=args.data_dir, max_train_samples=presets[t][0],
+                     max_length=presets[t][1], epochs=presets[t][2], lr=args.lr, batch_size=16,
+                     num_experts=args.num_experts, top_k=args.top_k,
+                     training_args={"disable_tqdm": True, "per_device_eval_batch_size": 64})
+        for t, m, s in runs_to_do(tasks, models, seeds, rows)
+    ]
+    settings = "Presets: " + ", ".join(
+        f"{t} {samples} train / max_length {length} / {epochs:g} epoch(s)" for t, (samples, length, epochs)
+        in presets.items()) + "."
+    return sweep_and_tabulate(runs, rows, args.output_dir, tasks, models, settings, args.workers, args.threads)
 
 
 if __name__ == "__main__":

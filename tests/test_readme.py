@@ -31,7 +31,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DAT
 def _kind(code: str) -> str:
     if "pip install" in code:
         return "install"
-    if "examples/compare_families.py" in code or ("hf-moe quickstart" in code and "--train-samples" not in code):
+    if "examples/compare_families.py" in code or "examples/run_full_size.py" in code:
+        return "long"
+    if "hf-moe quickstart" in code and "--train-samples" not in code:
         return "long"
     return "first try" if "hf-moe quickstart" in code else "run"
 
@@ -46,7 +48,7 @@ def _params(kind: str):
 def test_readme_has_the_blocks_this_file_checks():
     kinds = [_kind(code) for _, code in BLOCKS]
     assert kinds.count("install") == 2  # the README's two commands: install + quickstart, install + tests
-    assert kinds.count("first try") == 1 and kinds.count("long") == 1 and kinds.count("run") >= 4
+    assert kinds.count("first try") == 1 and kinds.count("long") == 2 and kinds.count("run") >= 4
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(DATA_DIR, "glue")), reason=f"no GLUE data at {DATA_DIR}")

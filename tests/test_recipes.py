@@ -4,13 +4,16 @@ bad-input errors.
 
 Tiny random backbones with the MiniLM tokenizer, a few rows of the local GLUE/SuperGLUE data, a few steps."""
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -267,3 +270,194 @@ def test_compare_families_resumes_and_tabulates_mean_and_std(tiny_bert, tmp_path
         mean = sum(accuracies) / 2
         std = (sum((a - mean) ** 2 for a in accuracies)) ** 0.5  # sample std of 2 values: |a - b| / sqrt(2)
         assert f"| {family} | {100 * mean:.1f} ± {100 * std:.1f} |" in table
+
+
+# --- issue #14 items 3 and 5: the sweep stops its workers; the full-size run, resumable -------------------------------
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+       "HF_DATASETS_OFFLINE": "1"}
+
+
+def _examples():
+    sys.path.insert(0, str(ROOT / "examples"))
+    import compare_families
+    import run_full_size
+
+    return compare_families, run_full_size
+
+
+def _live(pid):
+    """Whether process `pid` runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _descendants(pid):
+    """The live processes under `pid` (children, their children, ...), from /proc."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        state, parent = text[text.rindex(")") + 2:].split()[:2]
+        if state != "Z":
+            children.setdefault(int(parent), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def _wait_for(condition, timeout, what, process=None):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process is None or process.poll() is None, f"the process ended (rc {process.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.2)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; the parent-death signal is Linux's")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_compare_families_workers_end_with_the_main_process(tiny_bert, tmp_path, signum):
+    """Killing the sweep's main process ends both of its training workers within seconds: SIGTERM through its
+    handler, SIGKILL (which no handler sees) through the workers' parent-death signal."""
+    command = [sys.executable, str(ROOT / "examples" / "compare_families.py"), "--model", tiny_bert, "--data-dir",
+               DATA_DIR, "--output-dir", str(tmp_path / "out"), "--tasks", "sst2", "--families", "topk_moe",
+               "--seeds", "0", "--workers", "2", "--max-train-samples", "20000", "--max-length", "32"]
+    with open(tmp_path / "log", "w") as log:
+        main = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=log, stderr=log, start_new_session=True)
+    try:
+        runs = tmp_path / "out" / "runs"
+        # a run's folder appears when its Trainer is built: by then its worker runs the job, past its initializer
+        _wait_for(lambda: runs.is_dir() and len(list(runs.iterdir())) == 2, 120, "training workers", main)
+        workers = _descendants(main.pid)
+        assert len(workers) >= 2, workers  # the two workers (and multiprocessing's resource tracker)
+        os.kill(main.pid, signum)
+        assert main.wait(timeout=30) == (143 if signum == signal.SIGTERM else -signal.SIGKILL)
+        _wait_for(lambda: not any(_live(pid) for pid in workers), 10, "end of every worker")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(main.pid, signal.SIGKILL)
+        main.wait()
+    if signum == signal.SIGTERM:
+        assert "stopped 2 worker(s)" in (tmp_path / "log").read_text()
+
+
+def test_last_complete_checkpoint_passes_over_a_partial_save(tmp_path):
+    compare_families, _ = _examples()
+    assert compare_families.last_complete_checkpoint(str(tmp_path / "nothing")) is None
+    for step, state in ((2, "{}"), (10, "{}"), (12, '{"global_st'), (14, None)):  # 12 and 14: killed while saving
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if state is not None:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert compare_families.last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+
+
+def test_run_one_resumes_an_interrupted_run_from_its_last_checkpoint(tiny_bert, tmp_path):
+    """A run stopped after its step-2 checkpoint (and during a step-3 save) is taken up by the sweep at step 2: it
+    trains the two steps left, reports where it resumed, and deletes its checkpoints."""
+    from transformers import TrainerCallback
+
+    compare_families, _ = _examples()
+
+    class StopAt(TrainerCallback):
+        def __init__(self, step):
+            self.step, self.steps = step, 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps += 1
+            control.should_training_stop = state.global_step == self.step
+
+    extra = {"disable_tqdm": True, "save_strategy": "steps", "save_steps": 2, "warmup_steps": 0}
+    run = compare_families.finetune_run(tiny_bert, "rte", "topk_moe", 0, str(tmp_path), max_steps=4,
+                                        **{**SMALL, "training_args": extra})
+    folder = Path(run["output_dir"])
+    interrupted = {key: value for key, value in run.items() if key not in ("model", "task")}
+    finetune(run["model"], run["task"], callbacks=[StopAt(2)], **interrupted)
+    (folder / "checkpoint-3").mkdir()  # a save the kill cut short: no trainer_state.json
+    steps = StopAt(None)
+    row = compare_families.run_one({**run, "callbacks": [steps]}, threads=1)
+    assert (row["resumed_from_step"], row["global_step"], steps.steps) == (2, 4, 2)
+    assert not list(folder.glob("checkpoint-*"))
+
+
+def test_full_size_defaults_are_the_papers_setting(tmp_path):
+    _, run_full_size = _examples()
+    full = run_full_size.parse_args(["--output-dir", "out"])
+    assert (full.model, full.max_train_samples, full.epochs, full.lr, full.batch_size, full.max_length) == (
+        "bert-base-uncased", None, 3.0, 2e-5, 32, 128)
+    assert full.families == tuple(run_full_size.FAMILIES) and full.seeds == (0, 1, 2)
+    assert (full.num_experts, full.top_k, full.workers) == (8, 2, 1)
+    assert run_full_size.MOE_FULL_SIZE["experts_implementation"] == "grouped_mm"
+    assert run_full_size.training_args(2000, True, True)["bf16"] and not run_full_size.training_args(8, False, False)[
+        "bf16"]
+    reduced = run_full_size.parse_args(["--output-dir", "out", "--reduced", "--lr", "3e-4"])
+    assert reduced.model == str(minilm.get_model_path()) and reduced.tasks == ("sst2",) and reduced.lr == 3e-4
+    assert reduced.families == ("topk_moe",) and reduced.max_train_samples == 512
+    (tmp_path / "glue" / "RTE").mkdir(parents=True)  # a data folder with RTE train alone
+    (tmp_path / "glue" / "RTE" / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n")
+    assert run_full_size.tasks_with_train_data(("rte", "qnli"), str(tmp_path)) == ["rte"]
+
+
+def test_full_size_command_runs_resumes_and_keeps_its_settings(tiny_bert, tmp_path, capsys):
+    """The full-size command at a tiny size (checkpoints every 2 steps) writes the table; a rerun does nothing and a
+    rerun with another learning rate is refused."""
+    _, run_full_size = _examples()
+    argv = ["--reduced", "--model", tiny_bert, "--data-dir", DATA_DIR, "--output-dir", str(tmp_path),
+            "--max-train-samples", "24", "--max-length", "16", "--batch-size", "4", "--save-steps", "2",
+            "--threads", "1"]
+    assert run_full_size.main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(r["family"], r["global_step"], r["resumed_from_step"]) for r in rows] == [("dense", 6, 0),
+                                                                                       ("topk_moe", 6, 0)]
+    assert not list(tmp_path.glob("runs/*/checkpoint-*"))
+    table = (tmp_path / "results.md").read_text()
+    assert "| dense |" in table and "| topk_moe |" in table and "grouped_mm" in table
+    capsys.readouterr()
+    assert run_full_size.main(argv) == 0
+    assert "0 runs to do (2 already in" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="other settings"):
+        run_full_size.main([*argv, "--lr", "1e-3"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="the workers' parent-death signal is Linux's")
+def test_full_size_reduced_run_resumes_after_a_kill(tmp_path):
+    """`run_full_size.py --reduced` (MiniLM, 512 SST-2 sentences, dense + topk_moe), killed by SIGKILL while topk_moe
+    trains past a checkpoint, and run again: the dense run is not redone, topk_moe resumes from its checkpoint and
+    finishes, and the table is written. About 8 min on 2 shared CPU cores."""
+    compare_families, _ = _examples()
+    out = tmp_path / "out"
+    command = [sys.executable, str(ROOT / "examples" / "run_full_size.py"), "--reduced", "--data-dir", DATA_DIR,
+               "--output-dir", str(out)]
+    moe_run = out / "runs" / "sst2-topk_moe-0"
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=log, stderr=log, start_new_session=True)
+    try:
+        _wait_for(lambda: compare_families.last_complete_checkpoint(str(moe_run)), 900, "topk_moe checkpoint", first)
+        workers = _descendants(first.pid)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        _wait_for(lambda: not any(_live(pid) for pid in workers), 10, "end of every worker")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    checkpoint = int(compare_families.last_complete_checkpoint(str(moe_run)).rsplit("-", 1)[1])
+    kept = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["family"] for r in kept] == ["dense"]
+
+    second = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "1 runs to do (1 already in" in second.stdout
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["family"] for r in rows] == ["dense", "topk_moe"]
+    assert rows[1]["resumed_from_step"] == checkpoint > 0 and rows[1]["global_step"] == 32  # 512 / 16, one epoch
+    table = (out / "results.md").read_text()
+    assert f"| topk_moe | {100 * rows[1]['accuracy']:.1f} ± 0.0 |" in table

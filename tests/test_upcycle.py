@@ -294,3 +294,25 @@ def test_capacity_factor_is_named_as_not_function_preserving(tmp_path, llama_che
     source = llama_checkpoint(tmp_path / "dense")
     out = upcycle(source, tmp_path / "moe", "topk_moe", expert_capacity_factor=1.0, progress=False)
     assert re.search(r"Function-preserving at step 0: no — .*expert_capacity_factor", (out / "README.md").read_text())
+
+
+@pytest.mark.parametrize("head", ["Model", "ForCausalLM"])
+def test_new_modules_draw_from_their_path_in_the_0_1_layout(head):
+    """A conversion draws the numbers hf-moe 0.1 drew for the same seed: each new module's seed is the seed plus the
+    CRC-32 of its path in 0.1's layout (a head kept its dense model under `model.`, a base model its dense base model
+    under `model.<prefix>.`, HyperMoE's generators sat at the top), whichever head the model has now. The first
+    parameter each module initialises is N(0, 1): a HyperMoE layer's expert embedding, a generator's layer embedding."""
+    import zlib
+
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2)
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(config) if head == "ForCausalLM" else LlamaModel(config)
+    moe = upcycle_model(dense, "hypermoe", num_experts=4, num_experts_per_tok=2, options=UpcycleOptions(seed=7))
+    base = moe.base_model
+    for drawn, path_in_0_1 in ((base.layers[1].mlp.moe.expert_embedding.weight, "model.model.layers.1.mlp.moe"),
+                               (base.hyper_generators["decoder"].layer_embedding.weight, "hyper_generators.decoder")):
+        torch.manual_seed(7 + zlib.crc32(path_in_0_1.encode()))
+        assert torch.equal(drawn, torch.empty_like(drawn).normal_(0.0, 1.0)), path_in_0_1

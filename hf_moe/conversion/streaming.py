@@ -110,7 +110,7 @@ class StreamingPlan:
             for owner in {_owner(self.moe, n) for n, u in self.units.items() if u is unit}:
                 owner.to_empty(device="cpu", recurse=False)
                 owner.to(self.dtype)
-            torch.manual_seed(init_seed(self.seed, module_path(self.moe, unit)))
+            torch.manual_seed(init_seed(self.seed, self.moe, module_path(self.moe, unit)))
             unit.reset_parameters()
             self.finish(unit)
             unit._hf_moe_materialized = True

@@ -217,7 +217,8 @@ class MoePreTrainedModel(PreTrainedModel):
                 )
             dense = self.auto_class.from_config(text_config)
         self._take_place_of(dense)
-        self.hyper_generators = self._install_moe_layers() if self.base_model is self else None
+        if self.base_model is self:  # a head's base model holds the MoE layers and the stack modules
+            self.hyper_generators = self._install_moe_layers()
         self.post_init()
 
     def _take_place_of(self, dense: PreTrainedModel):

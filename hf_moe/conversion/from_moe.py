@@ -358,7 +358,7 @@ def _origins(source_model, moe, read) -> dict:
     backbone_keys, moe_keys = _SOURCES[source_model.config.model_type][1](source_model, read)
     outputs = set(moe.state_dict())
     tied = set(moe.get_expanded_tied_weights_keys(all_submodels=True))
-    added = [*moe.moe_blocks(), *(moe.base_model.hyper_generators or {}).values()]  # what the source cannot fill
+    added = [*moe.moe_blocks(), *moe.base_model.hyper_generators.values()]  # what the source cannot fill
     added_paths = tuple(f"{module_path(moe, module)}." for module in added)
     available = set(read.keys())
     origins = {key: [source] for key, source in backbone_keys.items() if source in available}

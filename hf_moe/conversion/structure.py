@@ -6,7 +6,6 @@ import copy
 import zlib
 
 import torch
-from transformers import AutoModel
 
 from ..modeling import HEADS, get_family
 
@@ -57,20 +56,9 @@ def module_path(root, module) -> str:
 def init_seed(seed: int, model, path: str) -> int:
     """The seed of the new module at `path` in `model`: each module draws the same numbers whatever else the model holds
     and in whichever order modules are initialised, so streaming and in-memory conversions agree. The path is spelled
-    as hf-moe 0.1 laid its models out (`_path_in_0_1`), so a conversion draws the numbers it drew there."""
-    return seed + zlib.crc32(_path_in_0_1(model, path).encode())
-
-
-def _path_in_0_1(model, path: str) -> str:
-    """A module's path in hf-moe 0.1's layout (docs/backbones.md §6): the dense model under `model.` (a base model's
-    dense base model under `model.<prefix>.`), the stack modules at the top, the same in a base model and its heads."""
-    prefix = model.base_model_prefix
-    if model.base_model is not model:  # a head: the new modules are its base model's
-        path = path.removeprefix(f"{prefix}.")
-    if path.startswith("hyper_generators."):
-        return path
-    holds_dense_base = model.auto_class is AutoModel or model.base_model is not model
-    return f"model.{prefix}.{path}" if holds_dense_base else f"model.{path}"
+    as hf-moe 0.1 laid its models out (`MoePreTrainedModel.path_in_0_1`), so a conversion draws the numbers it drew
+    there."""
+    return seed + zlib.crc32(model.path_in_0_1(path).encode())
 
 
 @torch.no_grad()

@@ -348,6 +348,17 @@ class MoePreTrainedModel(PreTrainedModel):
             return []
         return [WeightRenaming(source_patterns=old, target_patterns=new) for old, new in renamings]
 
+    def path_in_0_1(self, path: str) -> str:
+        """The path a module of this model had in hf-moe 0.1's layout (see `_legacy_key_renamings`), the same in a
+        base model and its heads: conversions seed each new module by it, so they draw the numbers they drew in 0.1."""
+        prefix = self.base_model_prefix
+        if self.base_model is not self:  # a head: the new modules are its base model's
+            path = path.removeprefix(f"{prefix}.")
+        if path.startswith("hyper_generators."):
+            return path
+        holds_dense_base = self.auto_class is AutoModel or self.base_model is not self
+        return f"model.{prefix}.{path}" if holds_dense_base else f"model.{path}"
+
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
         return True

@@ -32,8 +32,10 @@ from multiprocessing import active_children, get_context
 from hf_moe.options import add_expert_count_arguments
 from hf_moe.quickstart import FAMILIES, MOE_OPTIONS, default_model_path
 
-# task: (train subset, max_length, epochs); dev splits are used in full
-PRESETS = {"sst2": (1024, 64, 1.0), "rte": (384, 64, 1.0), "mrpc": (1024, 64, 1.0), "cb": (250, 64, 3.0)}
+# task: (train subset, max_length, epochs); dev splits are used in full. RTE and MRPC have none: at any size that fits
+# 2 CPU cores the dense model stays at their majority class (README, Results)
+PRESETS = {"sst2": (1024, 64, 1.0), "cb": (250, 64, 3.0), "stsb": (2048, 64, 1.0)}
+TOP_K_CLAIM_FAMILIES = ("topk_moe", "hyperrouter")  # also evaluated at every k of --eval-top-k
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 
@@ -168,24 +170,42 @@ def load_done(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def mean_std(values, seeds):
-    """Mean ± sample std in %; "(n=k)" where fewer than all seeds have finished."""
+def mean_std(values, seeds, scale=100, digits=1):
+    """Mean ± sample std (in % by default); "(n=k)" where fewer than all seeds have finished."""
     if not values:
         return "–"
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     partial = f" (n={len(values)})" if len(values) < seeds else ""
-    return f"{100 * statistics.mean(values):.1f} ± {100 * std:.1f}{partial}"
+    return f"{scale * statistics.mean(values):.{digits}f} ± {scale * std:.{digits}f}{partial}"
 
 
-def markdown(rows, tasks, models, settings):
-    """The results table: a row per model, a column per (task, metric), mean ± std over seeds; `settings` describes
-    the runs in the note under it."""
+def majority_class_figures(task_name, data_dir):
+    """The task's metrics, on its dev split, of always predicting the most frequent train label; {} for a
+    regression task, whose chance level is a correlation of 0."""
+    from hf_moe.tasks import REGRESSION, get_task
+
+    task = get_task(task_name)
+    if task.problem_type == REGRESSION:
+        return {}
+    labels = task.load("train", data_dir)["label"]
+    majority = statistics.mode(labels)
+    dev = task.load(task.eval_splits[0], data_dir)
+    return task.compute_metrics([majority] * len(dev), dataset=dev)
+
+
+def markdown(rows, tasks, models, settings, baselines=None):
+    """The results table: a row per model, a column per (task, metric), mean ± std over seeds, under a row of the
+    majority-class `baselines` ({task: figures}) when given; `settings` describes the runs in the note under it."""
     from hf_moe.tasks import get_task
 
     columns = [(task, key) for task in tasks for key in get_task(task).metric_keys]
     seeds = sorted({r["seed"] for r in rows})
     header = "| model | " + " | ".join(f"{task} {key}" for task, key in columns) + " | total params | active params |"
     lines = [header, "|---|" + "---:|" * (len(columns) + 2)]
+    if baselines is not None:
+        cells = [f"{100 * baselines[task][key]:.1f}" if key in baselines[task] else "0 (chance)"
+                 for task, key in columns]
+        lines.append("| majority class | " + " | ".join(cells) + " | | |")
     for model in models:
         mine = [r for r in rows if r["family"] == model]
         if not mine:
@@ -202,13 +222,110 @@ def markdown(rows, tasks, models, settings):
     return "\n".join(lines)
 
 
-def sweep_and_tabulate(runs, rows, output_dir, tasks, models, settings, workers, threads):
-    """Run what is left of a sweep whose finished rows are `rows`, then write `<output_dir>/results.md` (the table of
-    all rows, `markdown`) and print it; returns the exit status, 1 if a run failed."""
+# two-sided 5 % critical values of Student's t by degrees of freedom
+T_CRITICAL = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def paired_difference(rows, task, family, reference, key=None):
+    """(differences, significant): `family`'s metric minus `reference`'s on the same seeds, and whether a paired
+    t-test rejects a zero mean at 5 % (False with fewer than 2 seeds or constant differences of 0)."""
+    key = key or _main_metric(rows, task)
+    by_seed = {(r["family"], r["seed"]): r[key] for r in rows if r["task"] == task and key in r}
+    diffs = [by_seed[family, s] - by_seed[reference, s] for f, s in by_seed if f == family and (reference, s) in by_seed]
+    if len(diffs) < 2 or len(diffs) - 1 not in T_CRITICAL:
+        return diffs, False
+    spread = statistics.stdev(diffs)
+    mean = statistics.mean(diffs)
+    if spread == 0:
+        return diffs, mean != 0
+    return diffs, abs(mean) / (spread / math.sqrt(len(diffs))) > T_CRITICAL[len(diffs) - 1]
+
+
+def _main_metric(rows, task):
+    return next(r["main_metric"] for r in rows if r["task"] == task)
+
+
+def _difference_cell(rows, task, family, reference, key=None):
+    diffs, significant = paired_difference(rows, task, family, reference, key)
+    if not diffs:
+        return "–"
+    mean = statistics.mean(diffs)
+    std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    return f"{100 * mean:+.1f} ± {100 * std:.1f}" + (" *" if significant else "")
+
+
+def differences_markdown(rows, tasks, models):
+    """Each family's main metric minus dense's on the same seed: mean ± std of the paired differences, in points;
+    * marks the differences a paired t-test finds significant at 5 %."""
+    tasks = [t for t in tasks if any(r["task"] == t for r in rows)]
+    header = "| model − dense | " + " | ".join(f"{t} {_main_metric(rows, t)}" for t in tasks) + " |"
+    lines = [header, "|---|" + "---:|" * len(tasks)]
+    for model in models[1:]:
+        lines.append(f"| {model} | " + " | ".join(_difference_cell(rows, t, model, "dense") for t in tasks) + " |")
+    lines += ["", "Paired by seed, in points; * : a paired t-test over the seeds rejects a zero difference at 5 %. "
+              "Every difference without * is within the spread between seeds."]
+    return "\n".join(lines)
+
+
+def _mean(rows, task, family, key, scale=1.0, digits=2):
+    values = [r[key] for r in rows if r["task"] == task and r["family"] == family and key in r]
+    return f"{scale * statistics.mean(values):.{digits}f}" if values else "–"
+
+
+def claims_markdown(rows, tasks):
+    """The papers' claims measured on the sweep's runs (README, "The papers' claims"): a row per measurement, a
+    column per task; figures are means over seeds, differences paired by seed as in `differences_markdown`."""
+    tasks = [t for t in tasks if any(r["task"] == t for r in rows)]
+
+    def row(label, cell):
+        return f"| {label} | " + " | ".join(cell(t) for t in tasks) + " |"
+
+    def at_k(family):
+        def cell(task):
+            main = _main_metric(rows, task)
+            return " / ".join(_mean(rows, task, family, key, 100, 1) for key in (f"{main}@k1", main, f"{main}@k4"))
+        return cell
+
+    lines = [
+        "| measurement | " + " | ".join(f"{t} ({_main_metric(rows, t)})" for t in tasks) + " |",
+        "|---|" + "---:|" * len(tasks),
+        row("dynamic_moe: experts per token, first → last training window",
+            lambda t: f"{_mean(rows, t, 'dynamic_moe', 'experts_per_token_start')} → "
+                      f"{_mean(rows, t, 'dynamic_moe', 'experts_per_token_end')}"),
+        row("dynamic_moe: experts per token at evaluation", lambda t: _mean(rows, t, "dynamic_moe",
+                                                                        "eval_experts_per_token")),
+        row("dynamic_moe − topk_moe (top-2)", lambda t: _difference_cell(rows, t, "dynamic_moe", "topk_moe")),
+        row("mh_moe: fraction of experts a token / a sequence activates",
+            lambda t: f"{_mean(rows, t, 'mh_moe', 'eval_token_expert_fraction')} / "
+                      f"{_mean(rows, t, 'mh_moe', 'eval_sequence_expert_fraction')}"),
+        row("topk_moe: the same", lambda t: f"{_mean(rows, t, 'topk_moe', 'eval_token_expert_fraction')} / "
+                                            f"{_mean(rows, t, 'topk_moe', 'eval_sequence_expert_fraction')}"),
+        row("hyperrouter evaluated at k = 1 / 2 / 4", at_k("hyperrouter")),
+        row("topk_moe evaluated at k = 1 / 2 / 4", at_k("topk_moe")),
+        row("hypermoe − topk_moe (both k = 2)", lambda t: _difference_cell(rows, t, "hypermoe", "topk_moe")),
+        row("hypermoe: HyperExpert output RMS / selected experts' output RMS",
+            lambda t: _mean(rows, t, "hypermoe", "eval_hyper_expert_share", digits=3)),
+        "",
+        "Means over seeds; differences in points, paired by seed (* : significant at 5 %); metrics in %. All models "
+        "trained at k = 2 (dynamic_moe: p = 0.4); fractions of the 8 experts, at evaluation, padding excluded.",
+    ]
+    return "\n".join(lines)
+
+
+def sweep_and_tabulate(runs, rows, output_dir, tasks, models, settings, workers, threads, baselines=None):
+    """Run what is left of a sweep whose finished rows are `rows`, then write `<output_dir>/results.md` (the results
+    table of all rows, `markdown`, with the differences from dense and the papers' claims when the sweep has the
+    models they compare) and print it; returns the exit status, 1 if a run failed."""
     results_path = os.path.join(output_dir, "results.jsonl")
     print(f"{len(runs)} runs to do ({len(rows)} already in {results_path})", flush=True)
     new_rows, failed = sweep(runs, results_path, workers, threads)
-    table = markdown(rows + new_rows, tasks, models, settings)
+    rows = rows + new_rows
+    parts = [markdown(rows, tasks, models, settings, baselines)]
+    if "dense" in models and len(models) > 1:
+        parts.append(differences_markdown(rows, tasks, models))
+    if set(FAMILIES) <= set(models):
+        parts.append(claims_markdown(rows, tasks))
+    table = "\n\n".join(parts)
     tmp = os.path.join(output_dir, "results.md.tmp")
     with open(tmp, "w") as f:
         f.write(table + "\n")
@@ -231,6 +348,8 @@ def main(argv=None):
     p.add_argument("--max-train-samples", type=int, help="override every preset's train subset")
     p.add_argument("--max-length", type=int, help="override every preset's max_length")
     add_expert_count_arguments(p)
+    p.add_argument("--eval-top-k", default="1,4",
+                   help=f"the k at which {' and '.join(TOP_K_CLAIM_FAMILIES)} are also evaluated ('' for none)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     args = p.parse_args(argv)
@@ -241,6 +360,7 @@ def main(argv=None):
         p.error(f"no preset for {unknown}; tasks with presets: {', '.join(PRESETS)}")
     models = ["dense"] + [f for f in args.families.split(",") if f]
     seeds = [int(s) for s in args.seeds.split(",")]
+    eval_top_k = tuple(int(k) for k in args.eval_top_k.split(",") if k)
     model = args.model or default_model_path()
     os.makedirs(args.output_dir, exist_ok=True)
     rows = load_done(os.path.join(args.output_dir, "results.jsonl"))
@@ -250,13 +370,16 @@ def main(argv=None):
         finetune_run(model, t, m, s, args.output_dir, data_dir=args.data_dir, max_train_samples=presets[t][0],
                      max_length=presets[t][1], epochs=presets[t][2], lr=args.lr, batch_size=16,
                      num_experts=args.num_experts, top_k=args.top_k,
+                     eval_top_k=eval_top_k if m in TOP_K_CLAIM_FAMILIES else (),
                      training_args={"disable_tqdm": True, "per_device_eval_batch_size": 64})
         for t, m, s in runs_to_do(tasks, models, seeds, rows)
     ]
     settings = "Presets: " + ", ".join(
         f"{t} {samples} train / max_length {length} / {epochs:g} epoch(s)" for t, (samples, length, epochs)
         in presets.items()) + "."
-    return sweep_and_tabulate(runs, rows, args.output_dir, tasks, models, settings, args.workers, args.threads)
+    baselines = {task: majority_class_figures(task, args.data_dir) for task in tasks}
+    return sweep_and_tabulate(runs, rows, args.output_dir, tasks, models, settings, args.workers, args.threads,
+                              baselines)
 
 
 if __name__ == "__main__":

@@ -270,6 +270,46 @@ def test_compare_families_resumes_and_tabulates_mean_and_std(tiny_bert, tmp_path
         mean = sum(accuracies) / 2
         std = (sum((a - mean) ** 2 for a in accuracies)) ** 0.5  # sample std of 2 values: |a - b| / sqrt(2)
         assert f"| {family} | {100 * mean:.1f} ± {100 * std:.1f} |" in table
+    # the majority class of CB train (entailment? contradiction?) predicted for all of dev, scored by hand
+    train = [json.loads(line)["label"] for line in open(os.path.join(DATA_DIR, "super_glue/CB/train.jsonl"))]
+    dev = [json.loads(line)["label"] for line in open(os.path.join(DATA_DIR, "super_glue/CB/val.jsonl"))]
+    majority = max(set(train), key=train.count)
+    accuracy = dev.count(majority) / len(dev)
+    f1_majority = 2 * accuracy / (1 + accuracy)  # precision = accuracy, recall 1; the other classes' F1 is 0
+    assert f"| majority class | {100 * accuracy:.1f} | {100 * f1_majority / 3:.1f} | | |" in table
+    diffs = [next(r["accuracy"] for r in rows if r["family"] == "topk_moe" and r["seed"] == seed)
+             - next(r["accuracy"] for r in rows if r["family"] == "dense" and r["seed"] == seed) for seed in (0, 1)]
+    mean = (diffs[0] + diffs[1]) / 2
+    assert f"| topk_moe | {100 * mean:+.1f} ± {100 * abs(diffs[0] - diffs[1]) / 2 ** 0.5:.1f}" in table
+
+
+def test_claims_table_reads_the_routing_figures_of_the_runs():
+    sys.path.insert(0, str(ROOT / "examples"))
+    import compare_families
+
+    def rows_of(family, seed, accuracy, **figures):
+        return {"task": "sst2", "family": family, "seed": seed, "main_metric": "accuracy", "accuracy": accuracy,
+                **figures}
+
+    rows = [rows_of("topk_moe", s, 0.80 + s / 100, **{"accuracy@k1": 0.5, "accuracy@k4": 0.7},
+                    eval_token_expert_fraction=0.25, eval_sequence_expert_fraction=0.9) for s in range(3)]
+    rows += [rows_of("hyperrouter", s, 0.81, **{"accuracy@k1": 0.75 + s / 100, "accuracy@k4": 0.8}) for s in range(3)]
+    rows += [rows_of("dynamic_moe", s, 0.90 + s / 100, experts_per_token_start=2.5, experts_per_token_end=1.5 + s,
+                     eval_experts_per_token=1.8) for s in range(3)]
+    rows += [rows_of("mh_moe", s, 0.7, eval_token_expert_fraction=0.5, eval_sequence_expert_fraction=1.0)
+             for s in range(3)]
+    rows += [rows_of("hypermoe", s, 0.80 + (s == 1) / 100, eval_hyper_expert_share=0.01 * s) for s in range(3)]
+    table = compare_families.claims_markdown(rows, ["sst2"])
+    assert "| dynamic_moe: experts per token, first → last training window | 2.50 → 2.50 |" in table
+    assert "| dynamic_moe: experts per token at evaluation | 1.80 |" in table
+    assert "| dynamic_moe − topk_moe (top-2) | +10.0 ± 0.0 * |" in table  # constant non-zero differences
+    assert "| mh_moe: fraction of experts a token / a sequence activates | 0.50 / 1.00 |" in table
+    assert "| topk_moe: the same | 0.25 / 0.90 |" in table
+    assert "| hyperrouter evaluated at k = 1 / 2 / 4 | 76.0 / 81.0 / 80.0 |" in table
+    assert "| topk_moe evaluated at k = 1 / 2 / 4 | 50.0 / 81.0 / 70.0 |" in table
+    # hypermoe - topk per seed: 0, 0, -2 points: mean -0.67, std 1.15, t = 1.0 < 4.30, within noise
+    assert "| hypermoe − topk_moe (both k = 2) | -0.7 ± 1.2 |" in table
+    assert "| hypermoe: HyperExpert output RMS / selected experts' output RMS | 0.010 |" in table
 
 
 # --- issue #14 items 3 and 5: the sweep stops its workers; the full-size run, resumable -------------------------------

@@ -1,5 +1,5 @@
 """Training helpers: router telemetry for `Trainer`."""
 
-from .telemetry import RouterTelemetryCallback, hyperrouter_k
+from .telemetry import RouterTelemetryCallback, RoutingProbe, hyperrouter_k
 
-__all__ = ["RouterTelemetryCallback", "hyperrouter_k"]
+__all__ = ["RouterTelemetryCallback", "RoutingProbe", "hyperrouter_k"]

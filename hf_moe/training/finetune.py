@@ -18,6 +18,7 @@ Under `torchrun` the `Trainer` runs data-parallel (gloo on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -66,6 +67,8 @@ class FinetuneArguments:
         default=True, metadata={"help": "RouterTelemetryCallback for MoE models (router_stats.json, expert_usage.png)"})
     k_schedule: tuple[int, int] | None = field(
         default=None, metadata={"help": "HyperRouter's k schedule (k_min, k_max) over training"})
+    eval_top_k: tuple[int, ...] = field(
+        default=(), metadata={"help": "also evaluate with num_experts_per_tok set to each of these k (top-k routing)"})
     training_args: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "TrainingArguments fields overriding the recipe's, e.g. save_steps"})
     distributed: dict[str, int] | None = field(
@@ -209,6 +212,8 @@ def _check_arguments(args: FinetuneArguments, moe: MoeArguments) -> Task:
     validate_family(moe.family)
     if args.peft not in (None, "lora"):
         raise ValueError(f"unknown peft method {args.peft!r}; valid: None, 'lora'")
+    if args.eval_top_k and (moe.family is None or moe.family == "dynamic_moe"):
+        raise ValueError(f"eval_top_k sets the k of top-k routing; {moe.family or 'the dense model'} has none")
     if args.peft == "lora" and moe.family is None:
         raise ValueError("peft='lora' is implemented for hf-moe family models; pass family=...")
     if args.distributed and (moe.family is not None or args.peft is not None):
@@ -340,15 +345,22 @@ def finetune(
     Returns a dict: the task's metric keys (e.g. "accuracy"), "main_metric", "eval_loss", "train_time_s",
     "eval_time_s", "train_loss", "global_step", "total_params", "expert_params", "active_params" (dynamic top-p:
     from the measured mean experts per token), "experts_per_token" (MoE), "trainable_params", and with
-    `checksum=True` "param_sha256"."""
+    `checksum=True` "param_sha256". An MoE model's result also has its routing: "experts_per_token_start" and
+    "_end" (the first and last logging window of training) and `RoutingProbe`'s figures over the evaluation
+    ("eval_experts_per_token", "eval_token_expert_fraction", "eval_sequence_expert_fraction", HyperMoE's
+    "eval_hyper_expert_share"); `eval_top_k=(1, 4)` adds the main metric evaluated at those k ("accuracy@k1", ...)."""
+    from .telemetry import RoutingProbe
+
     args, moe = finetune_arguments(model_name_or_path, task, family=family, **keywords)
     bundle = build_trainer(args, moe, callbacks=callbacks)
     trainer = bundle.trainer
     start = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     train_time = time.perf_counter() - start
+    moe_model = hasattr(_base_model(trainer.model), "moe_blocks")
     start = time.perf_counter()
-    metrics = trainer.evaluate()
+    with RoutingProbe(trainer.model) if moe_model else contextlib.nullcontext() as probe:
+        metrics = trainer.evaluate()
     eval_time = time.perf_counter() - start
 
     task = bundle.task
@@ -366,11 +378,39 @@ def finetune(
         eval_time_s=eval_time,
     )
     result.update(_parameter_figures(bundle))
+    if moe_model:
+        result.update(_routing_figures(trainer, probe))
+    for k in args.eval_top_k:
+        result[f"{task.main_metric}@k{k}"] = _evaluate_at_top_k(trainer, k)[f"eval_{task.main_metric}"]
     if checksum:
         result["param_sha256"] = parameter_checksum(trainer.model)
     if save_model:
         trainer.save_model()  # into output_dir; the main process writes under DDP
     return result
+
+
+def _routing_figures(trainer, probe) -> dict[str, float]:
+    """What the routers did: experts per token in the first and last logging window of training (from the
+    telemetry's log history) and `RoutingProbe`'s figures over the evaluation, prefixed "eval_"."""
+    figures = {}
+    windows = [log["router/experts_per_token"] for log in trainer.state.log_history if "router/experts_per_token" in log]
+    if windows:
+        figures.update(experts_per_token_start=windows[0], experts_per_token_end=windows[-1])
+    figures.update({f"eval_{name}": value for name, value in probe.figures().items()})
+    return figures
+
+
+def _evaluate_at_top_k(trainer, k: int) -> dict[str, float]:
+    """`trainer.evaluate()` with every MoE layer routing to k experts; the config's k is restored afterwards."""
+    from .telemetry import _moe_model
+
+    config = _moe_model(trainer.model).config
+    trained_k = config.num_experts_per_tok
+    config.num_experts_per_tok = k
+    try:
+        return trainer.evaluate(metric_key_prefix="eval")
+    finally:
+        config.num_experts_per_tok = trained_k
 
 
 def _parameter_figures(bundle: TrainerBundle) -> dict[str, float]:

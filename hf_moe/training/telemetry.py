@@ -187,3 +187,70 @@ def _short(module_name: str) -> str:
     parts = [p for p in module_name.split(".") if p.isdigit()]
     stack = "dec" if ".decoder." in module_name else "enc" if ".encoder." in module_name else ""
     return f"{stack}{parts[0]}" if parts else module_name
+
+
+class RoutingProbe:
+    """While held (`with RoutingProbe(model) as probe:`), measures what the MoE layers of `model` select in every
+    forward, padding excluded: `probe.figures()` returns experts per token (MH-MoE: the distinct experts of a token's
+    sub-tokens), those as a fraction of the experts, the fraction of experts a sequence activates (any of its tokens
+    selects them; mean over sequences and layers), and for HyperMoE the HyperExpert's share, the RMS of its output
+    over the RMS of the selected experts' output. These are the quantities the papers' claims are about
+    (docs/evaluation.md §3)."""
+
+    def __init__(self, model):
+        self.layers = [block.moe for block in _moe_model(model).moe_blocks()]
+        self._hooks = []
+        self._sums = dict.fromkeys(("token_experts", "tokens", "sequence_fraction", "sequences"), 0.0)
+        self._squares = dict.fromkeys(("hyper", "experts"), 0.0)
+
+    def __enter__(self):
+        self._hooks = [layer.register_forward_hook(self._collect) for layer in self.layers]
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    @torch.no_grad()
+    def _collect(self, layer, args, output):
+        hidden_states, padding_mask = args[0], (args[1] if len(args) > 1 else None)
+        tokens = hidden_states.shape[:-1].numel()
+        sequences = hidden_states.shape[:-2].numel() if hidden_states.dim() > 2 else 1
+        index = output.expert_index.view(sequences, tokens // sequences, -1)  # [B, S, h*k]: a token's sub-tokens
+        chosen = torch.zeros(*index.shape[:2], layer.num_experts + 1, dtype=torch.bool, device=index.device)
+        chosen.scatter_(-1, index, True)
+        chosen = chosen[..., : layer.num_experts]  # [B, S, E]; the sentinel E (no expert) dropped
+        real = torch.ones(index.shape[:2], dtype=torch.bool, device=index.device)
+        if padding_mask is not None:
+            real = padding_mask.reshape(real.shape).bool()
+        chosen = chosen & real[..., None]
+        self._sums["token_experts"] += chosen.sum().item()
+        self._sums["tokens"] += real.sum().item()
+        has_tokens = real.any(-1)  # [B]
+        per_sequence = chosen.any(1).sum(-1) / layer.num_experts  # [B]
+        self._sums["sequence_fraction"] += per_sequence[has_tokens].sum().item()
+        self._sums["sequences"] += has_tokens.sum().item()
+        if hasattr(layer, "hyper_expert"):
+            x = hidden_states.reshape(-1, layer.hidden_size)
+            hyper = layer.hyper_expert(x, output.expert_index)  # [T, d]
+            experts = output.hidden_states.reshape(-1, layer.hidden_size) - hyper
+            keep = real.reshape(-1)
+            self._squares["hyper"] += hyper[keep].double().square().sum().item()
+            self._squares["experts"] += experts[keep].double().square().sum().item()
+
+    def figures(self) -> dict[str, float]:
+        """The figures over every forward so far ({} before any)."""
+        sums = self._sums
+        if not sums["tokens"]:
+            return {}
+        experts = self.layers[0].num_experts
+        per_token = sums["token_experts"] / sums["tokens"]
+        figures = {
+            "experts_per_token": per_token,
+            "token_expert_fraction": per_token / experts,
+            "sequence_expert_fraction": sums["sequence_fraction"] / sums["sequences"],
+        }
+        if self._squares["experts"]:
+            figures["hyper_expert_share"] = (self._squares["hyper"] / self._squares["experts"]) ** 0.5
+        return figures

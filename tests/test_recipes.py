@@ -69,6 +69,32 @@ def test_finetune_dense_and_moe_return_task_metrics(tiny_bert, family, tmp_path)
         assert (tmp_path / "router_stats.json").exists()
 
 
+def test_finetune_reports_routing_and_the_metric_at_other_k(tiny_bert, tmp_path):
+    """The saved model, evaluated by hand at k = 1 and at its trained k, gives the accuracies finetune reports."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from hf_moe.tasks import get_task
+
+    result = finetune(tiny_bert, "rte", family="topk_moe", output_dir=str(tmp_path), max_steps=4, eval_top_k=(1,),
+                      save_model=True, **SMALL)
+    assert result["eval_experts_per_token"] == 2.0 and result["eval_token_expert_fraction"] == 2.0 / 8
+    assert 2.0 / 8 <= result["eval_sequence_expert_fraction"] <= 1.0
+    assert result["experts_per_token_start"] == result["experts_per_token_end"] == 2.0  # logged every step
+    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
+    dev = get_task("rte").load("validation", DATA_DIR).select(range(32))
+    for k, reported in ((1, result["accuracy@k1"]), (2, result["accuracy"])):
+        model.config.num_experts_per_tok = k
+        correct = 0
+        for row in dev:
+            inputs = tokenizer(row["sentence1"], row["sentence2"], truncation=True, max_length=32, return_tensors="pt")
+            with torch.no_grad():
+                correct += int(model(**inputs).logits.argmax(-1).item() == row["label"])
+        assert reported == pytest.approx(correct / len(dev))
+    with pytest.raises(ValueError, match="eval_top_k sets the k of top-k routing"):
+        finetune(tiny_bert, "rte", family="dynamic_moe", output_dir=str(tmp_path / "d"), eval_top_k=(1,), **SMALL)
+
+
 def test_finetune_decoder_backbone_mrpc(tiny_llama, tmp_path):
     result = finetune(tiny_llama, "mrpc", family="dynamic_moe", router_top_p=0.4, norm_topk_prob=True,
                       output_dir=str(tmp_path), max_steps=2, **SMALL)

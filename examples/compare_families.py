@@ -170,13 +170,13 @@ def load_done(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def mean_std(values, seeds, scale=100, digits=1):
-    """Mean ± sample std (in % by default); "(n=k)" where fewer than all seeds have finished."""
+def mean_std(values, seeds):
+    """Mean ± sample std in %; "(n=k)" where fewer than all seeds have finished."""
     if not values:
         return "–"
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     partial = f" (n={len(values)})" if len(values) < seeds else ""
-    return f"{scale * statistics.mean(values):.{digits}f} ± {scale * std:.{digits}f}{partial}"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * std:.1f}{partial}"
 
 
 def majority_class_figures(task_name, data_dir):

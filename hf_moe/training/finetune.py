@@ -410,9 +410,7 @@ def _routing_figures(trainer, probe) -> dict[str, float]:
 
 def _evaluate_at_top_k(trainer, k: int) -> dict[str, float]:
     """`trainer.evaluate()` with every MoE layer routing to k experts; the config's k is restored afterwards."""
-    from .telemetry import _moe_model
-
-    config = _moe_model(trainer.model).config
+    config = _base_model(trainer.model).config
     trained_k = config.num_experts_per_tok
     config.num_experts_per_tok = k
     try:

@@ -212,24 +212,24 @@ def test_grouped_and_batched_mm_match_eager(family, backbone, tmp_path, assert_f
     with torch.no_grad():
         eager = model(**inputs)
     eager_grads = _grads(model, inputs)
-    # HyperMoE applies its HyperExperts grouped in every mode; the experts add their own calls under grouped_mm
-    eager_grouped_calls = _ops(model, inputs).get("aten::_grouped_mm", 0)
-    assert eager_grouped_calls == (2 * len(model.moe_blocks()) if family == "HyperMoe" else 0)
+    # our eager counts pairs per expert with bincount, transformers' grouped_mm with histc: which one ran is visible
+    eager_ops = _ops(model, inputs)
+    assert eager_ops.get("aten::bincount", 0) > 0 and eager_ops.get("aten::histc", 0) == 0
 
     model.save_pretrained(tmp_path)
     loaded = AUTO_CLASS[head].from_pretrained(tmp_path, experts_implementation="grouped_mm").eval()
     assert loaded.config._experts_implementation == "grouped_mm"
-    assert _ops(loaded, inputs).get("aten::_grouped_mm", 0) > eager_grouped_calls
+    assert _ops(loaded, inputs).get("aten::histc", 0) > 0
     with torch.no_grad():
         out = loaded(**inputs)
     depth = model_depth(model)
     assert_fp32_close(out.logits, eager.logits, depth, "grouped_mm logits")
     assert_fp32_close(out.loss, eager.loss, depth, "grouped_mm loss")
 
-    for impl, op in (("grouped_mm", "aten::_grouped_mm"), ("batched_mm", "aten::bmm")):
+    for impl, op in (("grouped_mm", "aten::histc"), ("batched_mm", "aten::bmm")):
         model.set_experts_implementation(impl)
         assert model.config._experts_implementation == impl
-        assert _ops(model, inputs).get(op, 0) > (eager_grouped_calls if op == "aten::_grouped_mm" else 0)
+        assert _ops(model, inputs).get(op, 0) > eager_ops.get(op, 0)
         with torch.no_grad():
             out = model(**inputs)
         assert_fp32_close(out.logits, eager.logits, depth, f"{impl} logits")

@@ -44,12 +44,19 @@ class FfnSpec:
             raise ValueError("gated experts with biases match no supported backbone; set gated=False or bias=False.")
 
 
+# Measured crossover on CPU (benchmarks/README.md, "Experts path"): with up to ~256 rows per expert one grouped_mm
+# call beats a matmul per expert (0.70-0.95x fwd+bwd); with more rows the per-expert matmuls win (up to 1.2x).
+GROUPED_MM_MAX_ROWS_PER_EXPERT = 256
+
+
 class SortedLoopExperts(nn.Module):
     """Shared eager forward of the fused experts classes below.
 
-    Sentinel slots (index == num_experts, weight 0: top-p padding, capacity drops) sort to the tail and are never
-    computed. The host sync is one `.tolist()` of the per-expert counts; under torch.compile/export the forward is
-    transformers' `grouped_mm` (static shapes, one graph).
+    Pairs are sorted by expert and each expert's rows run either as one plain matmul per expert or, where that is
+    faster (few rows per expert, `_grouped_mm_wins`), as one `F.grouped_mm` call over all experts. Sentinel slots
+    (index == num_experts, weight 0: top-p padding, capacity drops) sort to the tail and are never computed. The host
+    sync is one `.tolist()` of the per-expert counts; under torch.compile/export the forward is transformers'
+    `grouped_mm` (static shapes, one graph).
     """
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
@@ -58,29 +65,60 @@ class SortedLoopExperts(nn.Module):
             return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         top_k = top_k_index.shape[1]
         expert_of_pair, pair_order = top_k_index.reshape(-1).sort(stable=True)  # [T*k]
-        counts = torch.bincount(expert_of_pair, minlength=self.num_experts + 1)[: self.num_experts].tolist()
-        num_routed = sum(counts)
+        counts = torch.bincount(expert_of_pair, minlength=self.num_experts + 1)[: self.num_experts]  # [E]
+        counts_list = counts.tolist()
+        num_routed = sum(counts_list)
         output = torch.zeros_like(hidden_states)
         if num_routed == 0:
             return output
         pair_order = pair_order[:num_routed]
         token_of_pair = pair_order // top_k  # [P]
-        first = (self.gate_up_proj if self.has_gate else self.up_proj).unbind(0)
-        first_bias = (
-            (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias).unbind(0) if self.has_bias else None
+        routed = hidden_states[token_of_pair]  # [P, H], grouped by expert
+        if self._grouped_mm_wins(routed):
+            expert_output = self._grouped_experts(routed, counts, expert_of_pair[:num_routed])
+        else:
+            expert_output = self._looped_experts(routed, counts_list)
+        weights = top_k_weights.reshape(-1)[pair_order].to(hidden_states.dtype)  # [P]
+        return output.index_add_(0, token_of_pair, expert_output * weights[:, None])
+
+    def _grouped_mm_wins(self, routed) -> bool:
+        """Whether one `F.grouped_mm` call is the faster way to run these [P, H] rows (and the kernel takes them)."""
+        weights = (self.gate_up_proj if self.has_gate else self.up_proj, self.down_proj)
+        if routed.device.type == "cuda":  # the grouped kernel is bf16-only and needs compute capability 8.0
+            return routed.dtype == torch.bfloat16 and torch.cuda.get_device_capability(routed.device) >= (8, 0)
+        return (
+            routed.device.type == "cpu"
+            and routed.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and routed.shape[0] <= GROUPED_MM_MAX_ROWS_PER_EXPERT * self.num_experts
+            and all(w.data_ptr() % 16 == 0 and w.shape[1] * w.shape[2] * w.element_size() % 16 == 0 for w in weights)
+            and all(size * routed.element_size() % 16 == 0 for w in weights for size in w.shape[1:])
         )
+
+    def _grouped_experts(self, routed, counts, expert_of_pair):
+        # routed [P, H] grouped by expert, counts [E], expert_of_pair [P]
+        offsets = counts.cumsum(0, dtype=torch.int32)  # [E]: end row of each expert's group
+        first = self.gate_up_proj if self.has_gate else self.up_proj  # [E, out, in]
+        hidden = F.grouped_mm(routed, first.transpose(-2, -1), offs=offsets)  # [P, 2I] or [P, I]
+        if self.has_bias:
+            hidden = hidden + self.up_proj_bias[expert_of_pair]
+        hidden = self._apply_gate(hidden) if self.has_gate else self.act_fn(hidden)
+        output = F.grouped_mm(hidden, self.down_proj.transpose(-2, -1), offs=offsets)  # [P, H]
+        return output + self.down_proj_bias[expert_of_pair] if self.has_bias else output
+
+    def _looped_experts(self, routed, counts):
+        # one matmul per expert on views unbound once: backward writes one gradient buffer per parameter
+        first = (self.gate_up_proj if self.has_gate else self.up_proj).unbind(0)
+        first_bias = self.up_proj_bias.unbind(0) if self.has_bias else None
         down = self.down_proj.unbind(0)
         down_bias = self.down_proj_bias.unbind(0) if self.has_bias else None
-
         pieces = []
-        for expert, chunk in enumerate(hidden_states[token_of_pair].split(counts)):
+        for expert, chunk in enumerate(routed.split(counts)):
             if chunk.shape[0] == 0:
                 continue
             hidden = F.linear(chunk, first[expert], first_bias[expert] if self.has_bias else None)
             hidden = self._apply_gate(hidden) if self.has_gate else self.act_fn(hidden)
             pieces.append(F.linear(hidden, down[expert], down_bias[expert] if self.has_bias else None))
-        weights = top_k_weights.reshape(-1)[pair_order].to(hidden_states.dtype)  # [P]
-        return output.index_add_(0, token_of_pair, torch.cat(pieces) * weights[:, None])
+        return torch.cat(pieces)
 
     def _apply_gate(self, gate_up):
         gate, up = gate_up.chunk(2, dim=-1)  # gate rows first

@@ -45,8 +45,10 @@ class FfnSpec:
 
 
 # Measured crossover on CPU (benchmarks/README.md, "Experts path"): with up to ~256 rows per expert one grouped_mm
-# call beats a matmul per expert (0.70-0.95x fwd+bwd); with more rows the per-expert matmuls win (up to 1.2x).
+# call beats a matmul per expert (0.70-0.95x fwd+bwd); with more rows the per-expert matmuls win (up to 1.2x), and
+# so they do once the one call's [P, 2I] intermediate outgrows the caches (MH-MoE's many narrow experts: 1.3x).
 GROUPED_MM_MAX_ROWS_PER_EXPERT = 256
+GROUPED_MM_MAX_INTERMEDIATE_BYTES = 64 * 2**20
 
 
 class SortedLoopExperts(nn.Module):
@@ -86,10 +88,12 @@ class SortedLoopExperts(nn.Module):
         weights = (self.gate_up_proj if self.has_gate else self.up_proj, self.down_proj)
         if routed.device.type == "cuda":  # the grouped kernel is bf16-only and needs compute capability 8.0
             return routed.dtype == torch.bfloat16 and torch.cuda.get_device_capability(routed.device) >= (8, 0)
+        intermediate_bytes = routed.shape[0] * weights[0].shape[1] * routed.element_size()
         return (
             routed.device.type == "cpu"
             and routed.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and routed.shape[0] <= GROUPED_MM_MAX_ROWS_PER_EXPERT * self.num_experts
+            and intermediate_bytes <= GROUPED_MM_MAX_INTERMEDIATE_BYTES
             and all(w.data_ptr() % 16 == 0 and w.shape[1] * w.shape[2] * w.element_size() % 16 == 0 for w in weights)
             and all(size * routed.element_size() % 16 == 0 for w in weights for size in w.shape[1:])
         )

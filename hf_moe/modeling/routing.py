@@ -105,9 +105,33 @@ def router_z_loss(logits, token_mask=None) -> torch.Tensor:
     return masked_mean(torch.logsumexp(logits, dim=-1) ** 2, token_mask)
 
 
-def router_entropy(probs, token_mask=None) -> torch.Tensor:
-    """Mean over tokens of -sum_i P_i log P_i (the top-p entropy loss, Huang et al. 2024 §2)."""
-    return masked_mean(-(probs * torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))).sum(-1), token_mask)
+def router_statistics(logits, probs, index, token_mask=None) -> dict:
+    """A layer's router statistics from its `logits` [T, E] and `probs` = softmax(`logits`), all token means taken at
+    once (one masked mean, one all-reduce under data parallelism; at decoding, where every op is overhead, half the
+    time of one mean each):
+    - `aux_loss`: `load_balancing_loss` of the selection `index` [T, k];
+    - `z_loss`: ST-MoE's mean over tokens of logsumexp(z)^2;
+    - `entropy_loss`: mean over tokens of -sum_i P_i log P_i (the top-p entropy loss, Huang et al. 2024 §2);
+    - `expert_load` [E] (`expert_load`) and `mean_experts_per_token`."""
+    num_experts = probs.shape[-1]
+    selected = torch.zeros(index.shape[0], num_experts + 1, dtype=probs.dtype, device=index.device)
+    selected = selected.scatter_(1, index, 1.0)[:, :num_experts]  # [T, E]; sentinel slots land in the dropped column
+    # logsumexp(z) = z_i - log P_i for any i; at the argmax P_i >= 1/E, so the log is well conditioned, and the
+    # gradient is still P. Cheaper than torch.logsumexp, which rescans the logits
+    logsumexp = logits.amax(-1, keepdim=True) - probs.amax(-1, keepdim=True).log()  # [T, 1]
+    z_squared = logsumexp.square()
+    entropy = -(probs * torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))).sum(-1, keepdim=True)  # [T, 1]
+    per_token = torch.cat([probs, selected, z_squared, entropy, selected.sum(-1, keepdim=True)], dim=-1)
+    mean_probs, load, z_loss, entropy_loss, experts_per_token = masked_mean(per_token, token_mask).split(
+        [num_experts, num_experts, 1, 1, 1]
+    )
+    return {
+        "aux_loss": num_experts * (load * mean_probs).sum(),
+        "z_loss": z_loss[0],
+        "entropy_loss": entropy_loss[0],
+        "expert_load": load,
+        "mean_experts_per_token": experts_per_token[0],
+    }
 
 
 def _token_count(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:

@@ -18,12 +18,9 @@ from .experts import FfnSpec, build_experts
 from .registry import MoeFamily
 from .routing import (
     capacity_mask,
-    expert_load,
-    load_balancing_loss,
-    masked_mean,
     mixtral_balance_loss,
     router_dtype,
-    router_entropy,
+    router_statistics,
     router_z_loss,
     switch_balance_loss,
     top_k_routing,
@@ -185,14 +182,7 @@ class TopKMoeLayer(nn.Module):
         return self.experts(x, index, weights)
 
     def router_losses(self, logits, probs, index, token_mask) -> dict:
-        load = expert_load(index, self.num_experts, token_mask, probs.dtype)  # [E]
-        return {
-            "aux_loss": load_balancing_loss(probs, load, token_mask),
-            "z_loss": router_z_loss(logits, token_mask),
-            "entropy_loss": router_entropy(probs, token_mask),
-            "expert_load": load,
-            "mean_experts_per_token": masked_mean((index < self.num_experts).sum(-1).to(probs.dtype), token_mask),
-        }
+        return router_statistics(logits, probs, index, token_mask)
 
 
 def pooled_router_losses(layer_outputs: list[MoeLayerOutput], stacks: list[str], pooling: str):

@@ -316,7 +316,7 @@ def test_grouped_experts_path_matches_reference(family, ffn_kind):
     extra = {"router_top_p": 0.5} if family == "dynamic" else {}
     layer, gen, act_name = make_layer(family, num_experts=8, ffn_kind=ffn_kind, dtype=torch.float32, **extra)
     twin, twin_gen, _ = make_layer(family, num_experts=8, ffn_kind=ffn_kind, **extra)  # same draws, in float64
-    x, mask = make_inputs(dtype=torch.float32)
+    x, mask = make_inputs(dtype=torch.float32, seq=20)  # 40 tokens: more than the 28 sets, so HyperMoE groups too
     x.requires_grad_(True)
     x64 = x.detach().double().requires_grad_(True)
     with torch.profiler.profile() as prof:

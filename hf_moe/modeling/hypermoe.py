@@ -200,36 +200,31 @@ class HyperMoeLayer(TopKMoeLayer):
 
     def hyper_expert(self, x, index):
         """Each token's HyperExpert output [T, d]: the adapter of its selection set (`index` [T, k]) applied to x."""
+        num_experts = self.num_experts
         if torch.compiler.is_compiling():
             # torch.compile/export need static shapes: one adapter per token instead of per distinct set (same math)
-            w_down, b_down, w_up, b_up = self.adapters(index, x.dtype)
-            hidden = torch.relu(torch.bmm(x[:, None], w_down)[:, 0] + b_down)  # [T, r]
-            return torch.bmm(hidden[:, None], w_up)[:, 0] + b_up
-        # a set is keyed by its sorted indices (any number of experts; a sentinel slot, index E, selects nothing)
-        sets = index.sort(-1).values  # [T, k]
-        base, top_k = self.num_experts + 1, sets.shape[1]
-        if base**top_k > torch.iinfo(torch.int64).max:  # too many sets to number them: batch-local ids, no cache
-            rows, set_of_token = sets.unique(dim=0, return_inverse=True)  # [G, k], [T]
-            return apply_adapters(x, set_of_token, self.adapters(rows, x.dtype))
-        powers = base ** torch.arange(top_k - 1, -1, -1, device=sets.device)  # [k]
-        keys = (sets * powers).sum(-1)  # [T]: each set as a base-(E+1) number, ordered as the sorted rows
+            return apply_token_adapters(x, self.adapters(selection_mask(index, num_experts, x.dtype)))
+        if num_experts > MAX_EXPERTS_KEYED:  # a set's bitmask would overflow int64: batch-local sets, no cache
+            rows, set_of_token = index.sort(-1).values.unique(dim=0, return_inverse=True)  # [G, k], [T]
+            return apply_adapters(x, set_of_token, self.adapters(selection_mask(rows, num_experts, x.dtype)))
+        # a set is keyed by the bitmask of its experts (any number of them; a sentinel slot, index E, selects nothing)
+        keys = torch.where(index < num_experts, 1 << index, 0).sum(-1)  # [T]
         if self.training or torch.is_grad_enabled():
             unique_keys, set_of_token = keys.unique(return_inverse=True)  # [G], [T]
-            return apply_adapters(x, set_of_token, self.adapters(unique_keys[:, None] // powers % base, x.dtype))
-        return apply_adapters(x, *self.cached_adapters(keys, powers, x.dtype))
+            return apply_adapters(x, set_of_token, self.adapters(key_mask(unique_keys, num_experts, x.dtype)))
+        return apply_adapters(x, *self.cached_adapters(keys, x.dtype))
 
-    def adapters(self, sets, dtype):
-        """HyperExpert weights for each selection in `sets` [G, k], from the embeddings of its unselected experts."""
-        selected = torch.zeros(sets.shape[0], self.num_experts + 1, dtype=dtype, device=sets.device)
-        unselected = 1 - selected.scatter_(1, sets, 1.0)[:, : self.num_experts]  # [G, E]
-        set_features = self.embedding_process(unselected @ self.expert_embedding.weight)  # [G, emb]
+    def adapters(self, selected):
+        """HyperExpert weights for each row of `selected` [G, E] (1 for a selected expert), from the embeddings of
+        the unselected experts."""
+        set_features = self.embedding_process((1 - selected) @ self.expert_embedding.weight)  # [G, emb]
         return self.generator(set_features, self.layer_idx)
 
-    def cached_adapters(self, keys, powers, dtype):
+    def cached_adapters(self, keys, dtype):
         """Inference: each token's row [T] in the adapters of every set met since the parameters they are generated
         from last changed. A set's adapter is generated once, with the other sets its batch meets first."""
-        params, state = self.adapter_state(powers.shape[0], dtype, keys.device.type)
-        cache, base = self.adapter_cache, self.num_experts + 1
+        params, state = self.adapter_state(dtype, keys.device.type)
+        cache = self.adapter_cache
         if cache is not None and cache.state != state:
             cache = None
         if cache is not None:
@@ -243,34 +238,62 @@ class HyperMoeLayer(TopKMoeLayer):
                 cache = None
         if cache is None:
             keys_seen = keys.unique()  # [G]
-            adapters = self.adapters(keys_seen[:, None] // powers % base, dtype)
+            adapters = self.adapters(key_mask(keys_seen, self.num_experts, dtype))
         else:
             keys_seen, order = torch.cat([cache.keys, new_keys]).sort()  # [C + N]
-            new = self.adapters(new_keys[:, None] // powers % base, dtype)
+            new = self.adapters(key_mask(new_keys, self.num_experts, dtype))
             adapters = tuple(torch.cat(pair)[order] for pair in zip(cache.adapters, new))
         self.__dict__["adapter_cache"] = AdapterCache(params, state, keys_seen, adapters)
         return torch.searchsorted(keys_seen, keys), adapters
 
-    def adapter_state(self, top_k: int, dtype, device_type: str):
+    def adapter_state(self, dtype, device_type: str):
         """The parameters the adapters are generated from, and a tuple that changes with any of them (identity,
-        storage, dtype, device, in-place version), with the copy a PEFT wrapper runs, k, and the dtype and autocast."""
+        storage, dtype, device, in-place version), with the copy a PEFT wrapper runs, and the dtype and autocast."""
         modules = (self.expert_embedding, self.embedding_process, _stack_module(self.generator))
         params = tuple(p for module in modules for p in module.parameters())
         autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
         tensors = tuple((id(p), p.data_ptr(), p.dtype, p.device, p._version) for p in params)
-        return params, (top_k, dtype, autocast, *map(_peft_active_copy, modules), *tensors)
+        return params, (dtype, autocast, *map(_peft_active_copy, modules), *tensors)
+
+
+MAX_EXPERTS_KEYED = 62  # a selection set is cached under its bitmask of experts, an int64
+
+
+def selection_mask(index, num_experts: int, dtype) -> torch.Tensor:
+    """[G, E]: 1 for the experts each row of `index` [G, k] selects (a sentinel slot, index E, selects nothing)."""
+    mask = torch.zeros(index.shape[0], num_experts + 1, dtype=dtype, device=index.device)
+    return mask.scatter_(1, index, 1.0)[:, :num_experts]
+
+
+def key_mask(keys, num_experts: int, dtype) -> torch.Tensor:
+    """[G, E]: the selection of each bitmask in `keys` [G]."""
+    return (keys[:, None] >> torch.arange(num_experts, device=keys.device) & 1).to(dtype)
 
 
 def apply_adapters(x, set_of_token, adapters):
     """relu(x·W_down + b_down)·W_up + b_up [T, d], each token with the adapter `set_of_token` [T] picks among the G
     `adapters` (W_down [G, d, r], b_down [G, r], W_up [G, r, d], b_up [G, d]): tokens sorted by set, one grouped
-    matmul per projection."""
+    matmul per projection; with no more tokens than adapters (decoding from the cache), each token's own adapter
+    gathered instead, since the grouped matmul visits every one of the G groups."""
+    if x.shape[0] == 1:  # one decoding token: its adapter as views of the cached ones, nothing gathered
+        w_down, b_down, w_up, b_up = (a[int(set_of_token)] for a in adapters)
+        return torch.relu(x @ w_down + b_down) @ w_up + b_up
+    if x.shape[0] <= adapters[0].shape[0]:
+        return apply_token_adapters(x, tuple(a[set_of_token] for a in adapters))
     w_down, b_down, w_up, b_up = adapters
     group, order = set_of_token.sort(stable=True)  # [T], [T]
     ends = torch.bincount(set_of_token, minlength=w_down.shape[0]).cumsum(0).to(torch.int32)  # [G]
     hidden = torch.relu(grouped_matmul(x[order], w_down, ends) + b_down[group])  # [T, r]
     output = grouped_matmul(hidden, w_up, ends) + b_up[group]  # [T, d], sorted by set
     return torch.empty_like(output).index_copy(0, order, output)
+
+
+def apply_token_adapters(x, adapters):
+    """relu(x·W_down + b_down)·W_up + b_up [T, d] with one adapter per token (W_down [T, d, r], b_down [T, r], W_up
+    [T, r, d], b_up [T, d])."""
+    w_down, b_down, w_up, b_up = adapters
+    hidden = torch.relu(torch.bmm(x[:, None], w_down)[:, 0] + b_down)  # [T, r]
+    return torch.bmm(hidden[:, None], w_up)[:, 0] + b_up
 
 
 def grouped_matmul(x, weight, ends):

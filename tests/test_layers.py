@@ -253,6 +253,41 @@ def test_hyperrouter_gate_is_softmax_over_selected_whatever_norm_topk_prob_says(
     check_against_reference(layer, None, "relu", "hyperrouter", x, mask)
 
 
+def test_hyperrouter_caches_its_router_at_inference_and_follows_every_change():
+    """At inference the generated router is made once and reused until e, the hypernetwork or the dtype changes
+    (or train()/eval() after a `.data` edit); logits always equal W_r x + b_r written out from the current tensors."""
+    layer, _, _ = make_layer("hyperrouter", num_experts=4, top_k=2)
+    gate = layer.router.eval()
+    generated = []
+    gate.hypernet.register_forward_hook(lambda module, args, output: generated.append(1))
+    x = make_inputs(padded=False)[0].reshape(-1, HIDDEN)
+
+    def reference():  # theta = W2 relu(W1 e + b1) + b2, rows [W_r | b_r] per expert
+        (w1, b1), (w2, b2) = [(lin.weight, lin.bias) for lin in (gate.hypernet[0], gate.hypernet[2])]
+        theta = (w2 @ torch.relu(w1 @ gate.router_embedding + b1) + b2).view(4, HIDDEN + 1)
+        return x @ theta[:, :-1].T + theta[:, -1]
+
+    def matches():  # float64: rounding of a d- and an H-term sum
+        assert_rel_close(gate(x), reference(), 1e-12, "router logits")
+        return True
+
+    with torch.no_grad():
+        for _ in range(3):
+            assert matches()
+        assert len(generated) == 1
+        gate.router_embedding.add_(0.5)  # an optimizer step: in-place, the version moves
+        assert matches() and len(generated) == 2
+        gate.hypernet[2].bias.mul_(2.0)  # a buffer changed in place
+        assert matches() and len(generated) == 3
+        assert gate(x.float()).dtype == torch.float32 and len(generated) == 4  # another dtype: its own router
+        gate.router_embedding.data = gate.router_embedding.data * 3  # no version counter sees `.data`...
+        gate.train().eval()  # ...train()/eval() refreshes
+        assert matches() and len(generated) == 5
+    assert copy.deepcopy(gate).__dict__["router_cache"] is None
+    assert matches()  # with gradients on it generates afresh
+    assert len(generated) == 6
+
+
 # ------------------------------------------------------------------------------------ MH-MoE specifics
 
 

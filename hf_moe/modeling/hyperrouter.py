@@ -30,7 +30,11 @@ class FrozenLinear(nn.Module):
 
 
 class HyperRouterGate(nn.Module):
-    """theta = Lin(d->H) -> ReLU -> Lin(H->E*(d+1)) of the embedding e; W_r = theta[:, :d], b_r = theta[:, d]."""
+    """theta = Lin(d->H) -> ReLU -> Lin(H->E*(d+1)) of the embedding e; W_r = theta[:, :d], b_r = theta[:, d].
+
+    At inference theta is generated once and kept (`router_cache`, not saved) while e and the hypernetwork are
+    unchanged: at decoding, regenerating it read the hypernetwork's E*(d+1) x H matrix at every step.
+    """
 
     def __init__(self, config, hidden_size: int):
         super().__init__()
@@ -58,10 +62,36 @@ class HyperRouterGate(nn.Module):
         self.router_embedding.normal_(0.0, std, generator=generator) if std else self.router_embedding.zero_()
 
     def forward(self, x):
-        # regenerated every forward: W_r depends on no input, only on e (d numbers per layer receive gradient)
+        # W_r depends on no input, only on e (d numbers per layer receive gradient): generated per forward in
+        # training (and while compiling), once per state of e and the hypernetwork at inference
         dtype = x.dtype  # the layer casts x to `router_dtype` (docs/hyperrouter.md §6, item 4)
-        theta = self.hypernet(self.router_embedding).to(dtype).view(self.num_experts, -1)  # [E, d+1]
+        generate = self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()
+        theta = self.generated_router(dtype) if generate else self.cached_router(dtype)
         return F.linear(x.to(dtype), theta[:, :-1], theta[:, -1])  # [T, E]
+
+    def generated_router(self, dtype):
+        return self.hypernet(self.router_embedding).to(dtype).view(self.num_experts, -1)  # [E, d+1]
+
+    def cached_router(self, dtype):
+        tensors = (self.router_embedding, *self.hypernet.buffers())
+        device_type = self.router_embedding.device.type
+        autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
+        # identity, storage, dtype, device and in-place version of every input, and the output dtype and autocast
+        state = (dtype, autocast, *((id(t), t.data_ptr(), t.dtype, t.device, t._version) for t in tensors))
+        cache = self.__dict__.get("router_cache")
+        if cache is None or cache[0] != state:
+            cache = (state, tensors, self.generated_router(dtype))  # tensors held so that their ids stay theirs
+            self.__dict__["router_cache"] = cache
+        return cache[2]
+
+    def train(self, mode: bool = True):
+        """Also drops the router cache: `train()`/`eval()` refresh it after edits no version counter sees (`.data`)."""
+        self.__dict__["router_cache"] = None
+        return super().train(mode)
+
+    def __getstate__(self):
+        """Pickling and `deepcopy` leave the router cache behind."""
+        return {**super().__getstate__(), "router_cache": None}
 
 
 class HyperRouterLayer(TopKMoeLayer):

@@ -75,12 +75,13 @@ class SortedLoopExperts(nn.Module):
             return output
         pair_order = pair_order[:num_routed]
         token_of_pair = pair_order // top_k  # [P]
-        routed = hidden_states[token_of_pair]  # [P, H], grouped by expert
+        # index_select, not [...]: its backward is index_add_, ~4x faster on CPU than indexing's index_put_
+        routed = hidden_states.index_select(0, token_of_pair)  # [P, H], grouped by expert
         if self._grouped_mm_wins(routed):
             expert_output = self._grouped_experts(routed, counts, expert_of_pair[:num_routed])
         else:
             expert_output = self._looped_experts(routed, counts_list)
-        weights = top_k_weights.reshape(-1)[pair_order].to(hidden_states.dtype)  # [P]
+        weights = top_k_weights.reshape(-1).index_select(0, pair_order).to(hidden_states.dtype)  # [P]
         return output.index_add_(0, token_of_pair, expert_output * weights[:, None])
 
     def _grouped_mm_wins(self, routed) -> bool:
@@ -104,10 +105,10 @@ class SortedLoopExperts(nn.Module):
         first = self.gate_up_proj if self.has_gate else self.up_proj  # [E, out, in]
         hidden = F.grouped_mm(routed, first.transpose(-2, -1), offs=offsets)  # [P, 2I] or [P, I]
         if self.has_bias:
-            hidden = hidden + self.up_proj_bias[expert_of_pair]
+            hidden = hidden + self.up_proj_bias.index_select(0, expert_of_pair)
         hidden = self._apply_gate(hidden) if self.has_gate else self.act_fn(hidden)
         output = F.grouped_mm(hidden, self.down_proj.transpose(-2, -1), offs=offsets)  # [P, H]
-        return output + self.down_proj_bias[expert_of_pair] if self.has_bias else output
+        return output + self.down_proj_bias.index_select(0, expert_of_pair) if self.has_bias else output
 
     def _looped_experts(self, routed, counts):
         # one matmul per expert on views unbound once: backward writes one gradient buffer per parameter

@@ -283,8 +283,8 @@ def apply_adapters(x, set_of_token, adapters):
     w_down, b_down, w_up, b_up = adapters
     group, order = set_of_token.sort(stable=True)  # [T], [T]
     ends = torch.bincount(set_of_token, minlength=w_down.shape[0]).cumsum(0).to(torch.int32)  # [G]
-    hidden = torch.relu(grouped_matmul(x[order], w_down, ends) + b_down[group])  # [T, r]
-    output = grouped_matmul(hidden, w_up, ends) + b_up[group]  # [T, d], sorted by set
+    hidden = torch.relu(grouped_matmul(x.index_select(0, order), w_down, ends) + b_down.index_select(0, group))
+    output = grouped_matmul(hidden, w_up, ends) + b_up.index_select(0, group)  # [T, d], sorted by set
     return torch.empty_like(output).index_copy(0, order, output)
 
 

@@ -1,7 +1,7 @@
 """Layer benchmark: forward and forward+backward of every hf-moe family against the dense active-compute floor and
 transformers' own `MixtralSparseMoeBlock` on identical weights.
 
-    python -m benchmarks.layers            # full run (two sizes, ~5 min on the 2-core CPU without other load)
+    python -m benchmarks.layers            # full run (two sizes, ~9 min on the 2-core CPU without other load)
     python -m benchmarks.layers --quick    # small smoke run (< 1 min)
     python -m benchmarks.layers --size bert   # one size only (mixtral: 512/2048 x 4096 tokens; bert: 768/3072 x 1024)
 

@@ -1,10 +1,10 @@
 """Fused experts on transformers' experts contract (`@use_experts_implementation`).
 
 All experts of a layer live in 3-D parameters ([E, out, in], docs/backbones.md §3), so transformers' `grouped_mm`
-and `batched_mm` backends run them unchanged. The class's own forward is the `eager` backend: pairs sorted by expert
-and one plain matmul per expert. It differs from transformers' eager loop in one way that matters on CPU: it unbinds
-each 3-D parameter once, so backward writes one gradient buffer instead of one full [E, ...] buffer per expert
-(docs/backbones.md §3: that indexing is the 1.3x backward penalty of transformers' `eager`).
+and `batched_mm` backends run them unchanged. The class's own forward is the `eager` backend: pairs sorted by expert,
+then whichever is faster on the shape (docs/backbones.md §3): one `F.grouped_mm` call over all experts, or one plain
+matmul per expert on views unbound once from each 3-D parameter, so that backward writes one gradient buffer instead
+of one full [E, ...] buffer per expert (that indexing is the 1.3x backward penalty of transformers' `eager`).
 """
 
 from dataclasses import dataclass

@@ -95,8 +95,8 @@ class SortedLoopExperts(nn.Module):
             and routed.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and routed.shape[0] <= GROUPED_MM_MAX_ROWS_PER_EXPERT * self.num_experts
             and intermediate_bytes <= GROUPED_MM_MAX_INTERMEDIATE_BYTES
-            and all(w.data_ptr() % 16 == 0 and w.shape[1] * w.shape[2] * w.element_size() % 16 == 0 for w in weights)
-            and all(size * routed.element_size() % 16 == 0 for w in weights for size in w.shape[1:])
+            and all(w.data_ptr() % 16 == 0 for w in weights)
+            and all(size * routed.element_size() % 16 == 0 for w in weights for size in w.shape[1:])  # row strides
         )
 
     def _grouped_experts(self, routed, counts, expert_of_pair):

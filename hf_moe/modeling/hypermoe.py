@@ -24,7 +24,7 @@ from transformers.integrations.moe import _grouped_mm
 from .configuration_hf_moe import HyperMoeConfig
 from .experts import FfnSpec
 from .registry import MoeFamily
-from .routing import router_dtype
+from .routing import router_dtype, selection_mask
 from .topk_moe import MoeLayerOutput, Router, TopKMoeLayer
 
 
@@ -257,12 +257,6 @@ class HyperMoeLayer(TopKMoeLayer):
 
 
 MAX_EXPERTS_KEYED = 62  # a selection set is cached under its bitmask of experts, an int64
-
-
-def selection_mask(index, num_experts: int, dtype) -> torch.Tensor:
-    """[G, E]: 1 for the experts each row of `index` [G, k] selects (a sentinel slot, index E, selects nothing)."""
-    mask = torch.zeros(index.shape[0], num_experts + 1, dtype=dtype, device=index.device)
-    return mask.scatter_(1, index, 1.0)[:, :num_experts]
 
 
 def key_mask(keys, num_experts: int, dtype) -> torch.Tensor:

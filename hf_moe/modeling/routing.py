@@ -86,12 +86,16 @@ def capacity_mask(index, num_experts: int, capacity: int, group_size: int | None
     return (position <= capacity) & (index < num_experts)
 
 
+def selection_mask(index, num_experts: int, dtype) -> torch.Tensor:
+    """[T, E]: 1 for the experts each row of `index` [T, k] selects (a sentinel slot, index E, selects nothing)."""
+    mask = torch.zeros(index.shape[0], num_experts + 1, dtype=dtype, device=index.device)
+    return mask.scatter_(1, index, 1.0)[:, :num_experts]
+
+
 def expert_load(index: torch.Tensor, num_experts: int, token_mask=None, dtype=torch.float32) -> torch.Tensor:
     """[E]: fraction of (non-padding) tokens whose selected set contains each expert; sums to the mean number of
     experts per token (sentinel slots ignored)."""
-    selected = torch.zeros(index.shape[0], num_experts + 1, dtype=dtype, device=index.device)
-    selected.scatter_(1, index, 1.0)
-    return masked_mean(selected[:, :num_experts], token_mask)
+    return masked_mean(selection_mask(index, num_experts, dtype), token_mask)
 
 
 def load_balancing_loss(probs, load, token_mask=None) -> torch.Tensor:
@@ -114,8 +118,7 @@ def router_statistics(logits, probs, index, token_mask=None) -> dict:
     - `entropy_loss`: mean over tokens of -sum_i P_i log P_i (the top-p entropy loss, Huang et al. 2024 §2);
     - `expert_load` [E] (`expert_load`) and `mean_experts_per_token`."""
     num_experts = probs.shape[-1]
-    selected = torch.zeros(index.shape[0], num_experts + 1, dtype=probs.dtype, device=index.device)
-    selected = selected.scatter_(1, index, 1.0)[:, :num_experts]  # [T, E]; sentinel slots land in the dropped column
+    selected = selection_mask(index, num_experts, probs.dtype)  # [T, E]
     # logsumexp(z) = z_i - log P_i for any i; at the argmax P_i >= 1/E, so the log is well conditioned, and the
     # gradient is still P. Cheaper than torch.logsumexp, which rescans the logits
     logsumexp = logits.amax(-1, keepdim=True) - probs.amax(-1, keepdim=True).log()  # [T, 1]
